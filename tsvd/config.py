@@ -1,0 +1,330 @@
+"""Run configuration: dataclasses loaded from YAML and validated at load time.
+
+Every mistake a user can make in a config (unknown key, wrong type, impossible value) raises
+``UserError`` naming the dotted key, e.g. ``train.lr: expected a number, got 'fast'``. Overrides
+from the command line use the same path syntax: ``--set train.lr=1e-3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from tsvd.errors import UserError
+
+SPECTRAL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed")
+
+
+@dataclass
+class SpectralConfig:
+    """Which projections are spectral and at what initial rank (or, for conversions, energy)."""
+
+    targets: list[str] = field(default_factory=list)  # subset of SPECTRAL_TARGETS; [] = dense model
+    rank: int = 32
+    rank_overrides: dict[str, int] = field(default_factory=dict)  # target -> rank (e.g. embed: 64)
+    init: Literal["scaled", "sct"] = "scaled"
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder. ``vocab_size: 0`` means "take it from the prepared data"."""
+
+    vocab_size: int = 0
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 688
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards live and how to build them if they do not exist yet."""
+
+    dir: str = "data/stdlib-bpe"
+    corpus: list[str] = field(default_factory=lambda: ["stdlib"])  # "stdlib" or files/folders
+    tokenizer: Literal["byte", "bpe"] = "bpe"
+    tokenizer_file: Optional[str] = None  # an existing tokenizer.json (skips training)
+    vocab_size: int = 4096  # BPE vocabulary to train
+    val_fraction: float = 0.02
+    max_bytes: int = 0  # cap on corpus bytes read (0 = no cap)
+
+
+@dataclass
+class RankConfig:
+    """Rank controller (see tsvd.controller). ``static`` is SCT's fixed rank."""
+
+    policy: Literal["static", "energy", "budget"] = "static"
+    warmup_steps: int = 100
+    interval: int = 100
+    energy: float = 0.99  # shrink to the smallest rank keeping this fraction
+    grow_tail: float = 0.02  # grow when the smallest directions still hold more than this share
+    tail_fraction: float = 0.1  # the "smallest directions": this fraction of the rank
+    growth_factor: float = 1.5
+    min_rank: int = 4
+    max_rank: int = 256
+    max_shrink: float = 0.5  # at most this fraction of the rank dropped per decision
+    hysteresis: float = 0.05  # ignore changes smaller than this fraction of the rank
+    budget_params: int = 0  # budget policy: total spectral parameters (0 = the initial count)
+    grow_directions: Literal["gradient", "random"] = "gradient"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3  # dense parameters (embeddings, norms, dense projections)
+    spectral_lr: float = 3e-3  # spectral factors U, V
+    core_lr: float = 3e-3  # spectral cores s
+    weight_decay: float = 0.1
+    spectral_weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    retraction: Literal["cholesky", "householder"] = "cholesky"
+    lazy_tol: Optional[float] = None
+    eval_interval: int = 100
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 250
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = 0  # torch threads (0 = all cores / ranks)
+
+
+@dataclass
+class EngineConfig:
+    kind: Literal["torch", "deepspeed"] = "torch"
+    deepspeed_config: Optional[str] = None  # JSON file (configs/ds/zero*.json)
+    timeout_s: int = 600  # process-group timeout
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: a small typed walker over dataclass fields (names the key on every error).
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise UserError(f"{where}: unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{key}: must be {'≥ 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express. Returns ``cfg``."""
+    m, t, r, sp = cfg.model, cfg.train, cfg.rank, cfg.model.spectral
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.vocab_size", m.vocab_size, allow_zero=True)
+    if m.dim % m.n_heads:
+        raise UserError(f"model.dim: {m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_kv_heads: {m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise UserError(f"model.dim: head dim {m.dim // m.n_heads} must be even for RoPE")
+    for tgt in list(sp.targets) + list(sp.rank_overrides):
+        if tgt not in SPECTRAL_TARGETS:
+            raise UserError(f"model.spectral.targets: unknown target {tgt!r} (valid: {', '.join(SPECTRAL_TARGETS)})")
+    shapes = layer_shapes(m)
+    for tgt in sp.targets:
+        rank = sp.rank_overrides.get(tgt, sp.rank)
+        key = f"model.spectral.rank_overrides.{tgt}" if tgt in sp.rank_overrides else "model.spectral.rank"
+        rows, cols = shapes[tgt]
+        if m.vocab_size == 0 and tgt in ("lm_head", "embed"):
+            continue  # checked again once the vocabulary is known (tsvd.model)
+        if not 1 <= rank <= min(rows, cols):
+            raise UserError(f"{key}: rank {rank} is impossible for the {tgt} projection ({rows}×{cols}): need 1 ≤ rank ≤ {min(rows, cols)}")
+    for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval",
+                "checkpoint_interval", "max_bad_steps"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("lr", "spectral_lr", "core_lr", "eps"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("weight_decay", "spectral_weight_decay", "grad_clip", "warmup_steps", "threads"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise UserError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise UserError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    if t.seq_len > m.max_seq_len:
+        raise UserError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.lazy_tol is not None:
+        _positive("train.lazy_tol", t.lazy_tol)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise UserError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.tokenizer == "bpe" and cfg.data.tokenizer_file is None and not 256 < cfg.data.vocab_size <= 1 << 20:
+        raise UserError(f"data.vocab_size: a BPE vocabulary needs 256 < size ≤ 1048576, got {cfg.data.vocab_size}")
+    _positive("data.max_bytes", cfg.data.max_bytes, allow_zero=True)
+    if not cfg.data.corpus:
+        raise UserError("data.corpus: empty; give 'stdlib' or text files/folders")
+    if not 0.0 < r.energy <= 1.0:
+        raise UserError(f"rank.energy: must be in (0, 1], got {r.energy}")
+    for key in ("grow_tail", "tail_fraction", "max_shrink", "hysteresis"):
+        v = getattr(r, key)
+        if not 0.0 <= v < 1.0:
+            raise UserError(f"rank.{key}: must be in [0, 1), got {v}")
+    if r.growth_factor <= 1.0:
+        raise UserError(f"rank.growth_factor: must be > 1, got {r.growth_factor}")
+    _positive("rank.min_rank", r.min_rank)
+    if r.max_rank < r.min_rank:
+        raise UserError(f"rank.max_rank: {r.max_rank} is below rank.min_rank={r.min_rank}")
+    _positive("rank.interval", r.interval)
+    _positive("rank.warmup_steps", r.warmup_steps, allow_zero=True)
+    _positive("rank.budget_params", r.budget_params, allow_zero=True)
+    if r.policy != "static" and not sp.targets:
+        raise UserError(f"rank.policy: {r.policy!r} needs spectral layers, but model.spectral.targets is empty")
+    if cfg.engine.kind == "deepspeed" and not cfg.engine.deepspeed_config:
+        raise UserError("engine.deepspeed_config: required when engine.kind is 'deepspeed'")
+    _positive("engine.timeout_s", cfg.engine.timeout_s)
+    return cfg
+
+
+def layer_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``target -> (out, in)`` of each projection kind (``embed`` as ``(vocab, dim)``)."""
+    head_dim = m.dim // m.n_heads
+    return {
+        "q": (m.n_heads * head_dim, m.dim),
+        "k": (m.n_kv_heads * head_dim, m.dim),
+        "v": (m.n_kv_heads * head_dim, m.dim),
+        "o": (m.dim, m.n_heads * head_dim),
+        "gate": (m.ffn_dim, m.dim),
+        "up": (m.ffn_dim, m.dim),
+        "down": (m.dim, m.ffn_dim),
+        "lm_head": (m.vocab_size, m.dim),
+        "embed": (m.vocab_size, m.dim),
+    }
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    return validate(_build(Config, raw))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read, override and validate a YAML config. Errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = apply_overrides(raw or {}, list(overrides))
+    try:
+        return config_from_dict(raw)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,66 @@
+"""The interface the trainer drives. An engine owns the model's parameters, the optimizer and the
+retraction; the trainer owns data, schedule, metrics, rank control and checkpoint cadence.
+
+Batches are *global*: ``train_step`` receives the full micro-batches of one optimizer step, and
+a multi-process engine takes its own slice (rows ``rank::world_size``), so a run's data order does
+not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from tsvd.retraction import RetractionReport
+
+Batch = tuple[Tensor, Tensor]  # (inputs (B,T), targets (B,T)), int64
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss over the global batch (all micro-batches, all ranks)
+    grad_norm: float  # global gradient norm before clipping
+    skipped: bool  # non-finite loss or gradient: no update was applied
+    retraction: RetractionReport
+
+
+class Engine(ABC):
+    """One optimizer step at a time; see the module docstring for the division of labour."""
+
+    model: nn.Module  # the unwrapped tsvd model (module names as in tsvd.model)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[Batch], lr_multiplier: float, measure: bool = False) -> StepResult:
+        """Forward/backward over the micro-batches, clip, AdamW step at ``base_lr · lr_multiplier``,
+        retract. ``measure=True`` also measures post-retraction orthonormality (for logging)."""
+
+    @abstractmethod
+    def eval_loss(self, batches: list[Batch]) -> float:
+        """Mean loss over the given (global) batches, no gradients."""
+
+    @abstractmethod
+    def spectra(self) -> dict[str, Tensor]:
+        """``{module name: s}`` for every spectral module (full, on CPU, identical on every rank)."""
+
+    @abstractmethod
+    def save(self, path: Path, client_state: dict) -> None:
+        """Write model + optimizer state and ``client_state`` into the directory ``path``."""
+
+    @abstractmethod
+    def load(self, path: Path) -> dict:
+        """Restore what ``save`` wrote; returns the ``client_state``."""
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
+
+    def close(self) -> None:
+        """Release resources (process groups, engines)."""

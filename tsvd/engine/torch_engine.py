@@ -1,0 +1,81 @@
+"""Single-device engine: plain PyTorch, no launcher. Fused AdamW + retraction after every step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tsvd.config import Config
+from tsvd.engine.base import Batch, Engine, StepResult
+from tsvd.optim import build_adamw, set_lr
+from tsvd.retraction import RetractionReport, Retractor
+from tsvd.spectral import SpectralModule
+
+STATE_FILE = "engine_state.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TorchEngine(Engine):
+    def __init__(self, cfg: Config, model: nn.Module) -> None:
+        self.cfg, self.device = cfg, resolve_device(cfg.train.device)
+        self.model = model.to(self.device)
+        self.optimizer = build_adamw(self.model, cfg.train, self.device)
+        self.retractor = Retractor(self.model, cfg.train.retraction, cfg.train.lazy_tol)
+        self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        with self._autocast():
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+        return loss
+
+    def train_step(self, micro_batches: list[Batch], lr_multiplier: float, measure: bool = False) -> StepResult:
+        set_lr(self.optimizer, lr_multiplier)
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for x, y in micro_batches:
+            loss = self._loss(x, y)
+            (loss / len(micro_batches)).backward()
+            total += loss.detach()
+        loss = float(total) / len(micro_batches)
+        clip = self.cfg.train.grad_clip or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss, grad_norm, True, RetractionReport())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free gradients before the retraction's temporaries
+        report = self.retractor(measure_error=measure)
+        return StepResult(loss, grad_norm, False, report)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> float:
+        self.model.eval()
+        losses = [float(self._loss(x, y)) for x, y in batches]
+        return sum(losses) / max(1, len(losses))
+
+    def spectra(self) -> dict[str, Tensor]:
+        return {n: m.s.detach().float().cpu() for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
+
+    def save(self, path: Path, client_state: dict) -> None:
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "client_state": client_state}, Path(path) / STATE_FILE)
+
+    def load(self, path: Path) -> dict:
+        state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client_state"]

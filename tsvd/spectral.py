@@ -107,6 +107,15 @@ class SpectralModule(nn.Module):
         for p in (self.U, self.V, self.s):
             p.grad = None
 
+    @torch.no_grad()
+    def reallocate_(self, rank: int) -> None:
+        """Give ``U``, ``s``, ``V`` a new rank with *uninitialized* content — only to be overwritten by a
+        checkpoint load of a model whose ranks changed during training."""
+        check_rank(rank, self.U.shape[0], self.V.shape[0], "checkpoint rank")
+        for p in (self.U, self.V, self.s):
+            p.data = p.data.new_empty(*p.shape[:-1], rank)
+            p.grad = None
+
     def _compression(self, m: int, n: int) -> float:
         return (m * n) / (self.rank * (m + n + 1))
 

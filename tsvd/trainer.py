@@ -1,0 +1,267 @@
+"""The training loop: data → engine step (forward, backward, AdamW, retraction) → metrics, rank
+control, validation and crash-safe checkpoints. The engine (plain PyTorch or DeepSpeed) is
+interchangeable; the loop does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from tsvd import checkpoint as ckpt
+from tsvd.config import Config, to_dict
+from tsvd.data import BatchSampler, load_data, prepare_data, unigram_loss, val_batches
+from tsvd.engine import build_engine
+from tsvd.errors import UserError
+from tsvd.metrics import Metrics, layer_stats, memory_stats
+from tsvd.model import build_model
+from tsvd.optim import lr_multiplier
+from tsvd.spectral import SpectralModule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is usable."""
+
+
+@dataclass
+class TrainSummary:
+    step: int = 0
+    train_losses: list[float] = field(default_factory=list)  # one per step run in this process
+    val_loss: float = math.nan
+    unigram_loss: float = math.nan
+    checkpoint: str | None = None
+    tokens_per_s: float = 0.0
+
+
+def spectral_ranks(model: torch.nn.Module) -> dict[str, int]:
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, SpectralModule)}
+
+
+def set_ranks_for_loading(model: torch.nn.Module, ranks: dict[str, int]) -> None:
+    """Give each spectral layer the rank stored in a checkpoint (content comes from the load)."""
+    layers = dict(model.named_modules())
+    for name, rank in ranks.items():
+        mod = layers.get(name)
+        if not isinstance(mod, SpectralModule):
+            raise UserError(f"checkpoint has spectral layer {name!r}, which this model does not have "
+                            "(checkpoint from a different model?)")
+        if mod.rank != rank:
+            mod.reallocate_(rank)
+
+
+def _set_threads(cfg: Config) -> None:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(threads)
+
+
+class Trainer:
+    """Build data, model and engine from a ``Config``; ``fit()`` trains to ``cfg.train.steps``.
+
+    ``resume``: ``"auto"`` continues from ``<out_dir>/checkpoints/latest`` when present, a path resumes
+    from that checkpoint, ``None`` starts fresh (refusing to overwrite an existing run's checkpoints).
+    """
+
+    def __init__(self, cfg: Config, resume: str | Path | None = "auto", progress: bool = True) -> None:
+        self.cfg = cfg
+        _set_threads(cfg)
+        torch.manual_seed(cfg.seed)
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.resume_from = self._find_resume(resume)
+
+        if not (Path(cfg.data.dir) / "meta.json").is_file():
+            prepare_data(cfg.data, progress=progress)
+        self.data = load_data(cfg.data.dir)
+        vocab = self.data.meta.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size != vocab:
+            raise UserError(f"model.vocab_size: {cfg.model.vocab_size} does not match the tokenizer of "
+                            f"{cfg.data.dir} ({vocab}); set it to {vocab} or 0")
+
+        model = build_model(cfg.model)
+        meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
+        if meta is not None:
+            self._check_compatible(meta)
+            set_ranks_for_loading(model, meta.get("ranks", {}))
+        self.engine = build_engine(cfg, model)
+        self.model = self.engine.model
+        self.controller = self._build_controller()
+        self.sampler = BatchSampler(self.data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
+        self.val = val_batches(self.data.val, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches)
+        self.step = 0
+        if meta is not None:
+            state = self.engine.load(self.resume_from)
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            if self.controller is not None and state.get("controller"):
+                self.controller.load_state_dict(state["controller"])
+        self.progress = progress and self.engine.is_main
+        self.metrics = Metrics(self.out_dir, enabled=self.engine.is_main)
+        if self.engine.is_main:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # ---------------------------------------------------------------- setup helpers
+    def _find_resume(self, resume: str | Path | None) -> Path | None:
+        if resume is None:
+            if ckpt.latest_checkpoint(self.ckpt_root) is not None:
+                raise UserError(f"out_dir: {self.out_dir} already holds a run's checkpoints; resume it "
+                                "(--resume) or choose another out_dir")
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        return ckpt.resolve_checkpoint(Path(resume))
+
+    def _check_compatible(self, meta: dict) -> None:
+        saved = meta.get("config", {}).get("model", {})
+        mine = to_dict(self.cfg)["model"]
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings"):
+            if key in saved and saved[key] != mine[key]:
+                raise UserError(f"model.{key}: the checkpoint {self.resume_from} was trained with "
+                                f"{saved[key]}, this config has {mine[key]} (checkpoint from a different model)")
+        if sorted(saved.get("spectral", {}).get("targets", [])) != sorted(mine["spectral"]["targets"]):
+            raise UserError(f"model.spectral.targets: differ from the checkpoint {self.resume_from}")
+
+    def _build_controller(self):
+        if self.cfg.rank.policy == "static":
+            return None
+        from tsvd.controller import RankController
+
+        layers = {n: (m.U.shape[0], m.V.shape[0]) for n, m in self.model.named_modules()
+                  if isinstance(m, SpectralModule)}
+        return RankController(self.cfg.rank, layers)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> TrainSummary:
+        t, summary = self.cfg.train, TrainSummary(step=self.step)
+        if self.engine.is_main:
+            summary.unigram_loss = unigram_loss(self.data.train, self.data.val, self.data.meta.vocab_size)
+            self.metrics.scalars(self.step, {"val/unigram_loss": summary.unigram_loss})
+        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        bad_steps, t_start, steps_run = 0, time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                step = self.step
+                log_now = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
+                due = self.controller is not None and self.controller.due(step + 1)
+                micro = [next(self.sampler) for _ in range(t.grad_accum)]
+                t0 = time.perf_counter()
+                with self._sketch(due) as sketch:
+                    result = self.engine.train_step(micro, lr_multiplier(step, t), measure=log_now)
+                dt = time.perf_counter() - t0
+                self.step = step + 1
+                steps_run += 1
+                summary.train_losses.append(result.loss)
+                if result.skipped:
+                    bad_steps += 1
+                    self.metrics.text(self.step, "bad_step", f"non-finite loss {result.loss} or grad norm "
+                                      f"{result.grad_norm}: step skipped ({bad_steps} in a row)")
+                    if bad_steps >= t.max_bad_steps:
+                        raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {self.step}; "
+                                            f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
+                    continue
+                bad_steps = 0
+                if due:
+                    self._change_ranks(sketch)
+                if log_now:
+                    self._log(result, dt, tokens_per_step)
+                bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                bar.update(1)
+                if self.step % t.eval_interval == 0 or self.step == t.steps:
+                    summary.val_loss = self._validate()
+                if self.step % t.checkpoint_interval == 0 or self.step == t.steps:
+                    summary.checkpoint = str(self.save())
+        except KeyboardInterrupt:
+            if self.engine.is_main:
+                bar.write(f"interrupted at step {self.step}: saving a checkpoint")
+            self.save()
+            raise
+        finally:
+            bar.close()
+        summary.step = self.step
+        elapsed = time.perf_counter() - t_start
+        summary.tokens_per_s = steps_run * tokens_per_step / elapsed if elapsed > 0 else 0.0
+        return summary
+
+    def _sketch(self, due: bool):
+        if not due or self.cfg.rank.grow_directions != "gradient":
+            return contextlib.nullcontext()
+        from tsvd.sketch import GradientSketch
+
+        return GradientSketch(self.model, generator=torch.Generator().manual_seed(self.cfg.seed + self.step))
+
+    def _change_ranks(self, sketch) -> None:
+        plan = self.controller.plan(self.step, self.engine.spectra())
+        if not plan.ranks:
+            return
+        events = self.engine.apply_rank_plan(plan, sketch)
+        self.metrics.rank_events(self.step, events)
+        if self.engine.is_main and events:
+            tqdm.write("rank change @ step {}: {}".format(
+                self.step, ", ".join(f"{e.layer} {e.old}->{e.new}" for e in events)))
+
+    def _log(self, result, dt: float, tokens_per_step: int) -> None:
+        spectra = self.engine.spectra()
+        if not self.engine.is_main:
+            return
+        t = self.cfg.train
+        values = {
+            "train/loss": result.loss,
+            "train/grad_norm": result.grad_norm,
+            "train/lr": t.lr * lr_multiplier(self.step - 1, t),
+            "train/spectral_lr": t.spectral_lr * lr_multiplier(self.step - 1, t),
+            "perf/tokens_per_s": tokens_per_step / dt,
+            "perf/step_s": dt,
+            "perf/retraction_s": result.retraction.seconds,
+            "perf/retraction_share": result.retraction.seconds / dt if dt > 0 else 0.0,
+            "spectral/fallbacks": float(len(result.retraction.fallbacks)),
+            **memory_stats(),
+        }
+        self.metrics.scalars(self.step, values)
+        if spectra:
+            stats = layer_stats(spectra, self.engine.retractor.cache, self.cfg.rank.energy, self.cfg.rank.tail_fraction)
+            self.metrics.spectral(self.step, spectra, stats)
+
+    def _validate(self) -> float:
+        loss = self.engine.eval_loss(self.val)
+        if self.engine.is_main:
+            self.metrics.scalars(self.step, {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))})
+            tqdm.write(f"step {self.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50.0)):.2f})")
+        return loss
+
+    def save(self) -> Path:
+        """Publish a checkpoint of the current step (atomic; see tsvd.checkpoint)."""
+        client_state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                        "controller": self.controller.state_dict() if self.controller else None}
+        meta = {"ranks": spectral_ranks(self.model), "config": to_dict(self.cfg),
+                "engine": self.cfg.engine.kind}
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, meta,
+                                    lambda d: self.engine.save(d, client_state),
+                                    is_main=self.engine.is_main, barrier=self.engine.barrier)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.engine.close()
+
+
+def train(cfg: Config, resume: str | Path | None = "auto", progress: bool = True) -> TrainSummary:
+    """Train ``cfg`` to completion (resuming when a checkpoint exists); returns a summary."""
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.engine.is_main:
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary.__dict__ | {"train_losses": None}, indent=1))
+    return summary

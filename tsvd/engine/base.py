@@ -11,10 +11,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from tsvd.retraction import RetractionReport
+
+if TYPE_CHECKING:
+    from tsvd.controller import RankChange, RankPlan
+    from tsvd.sketch import GradientSketch
 
 Batch = tuple[Tensor, Tensor]  # (inputs (B,T), targets (B,T)), int64
 
@@ -50,6 +55,11 @@ class Engine(ABC):
     @abstractmethod
     def spectra(self) -> dict[str, Tensor]:
         """``{module name: s}`` for every spectral module (full, on CPU, identical on every rank)."""
+
+    @abstractmethod
+    def apply_rank_plan(self, plan: RankPlan, sketch: GradientSketch | None = None) -> list[RankChange]:
+        """Apply a rank decision at a step boundary (every rank calls it): resize the spectral layers
+        and their optimizer state as ``tsvd.surgery.apply_plan`` does; returns the changes."""
 
     @abstractmethod
     def save(self, path: Path, client_state: dict) -> None:

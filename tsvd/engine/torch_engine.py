@@ -10,10 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from tsvd.config import Config
+from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor
+from tsvd.sketch import GradientSketch
 from tsvd.spectral import SpectralModule
+from tsvd.surgery import apply_plan
 
 STATE_FILE = "engine_state.pt"
 
@@ -66,6 +69,12 @@ class TorchEngine(Engine):
         self.model.eval()
         losses = [float(self._loss(x, y)) for x, y in batches]
         return sum(losses) / max(1, len(losses))
+
+    def apply_rank_plan(self, plan: RankPlan, sketch: GradientSketch | None = None) -> list[RankChange]:
+        """Resize layers and AdamW state in place (``tsvd.surgery``); random growth directions are
+        seeded by ``(seed, plan.step)`` so a resumed or replayed run regrows the same ones."""
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + plan.step)
+        return apply_plan(self.model, self.optimizer, plan, sketch, generator)
 
     def spectra(self) -> dict[str, Tensor]:
         return {n: m.s.detach().float().cpu() for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}

@@ -54,6 +54,35 @@ def tail_share(s: Tensor, k: int) -> float:
     return 0.0 if total == 0.0 or k <= 0 else float(e[-k:].sum()) / total
 
 
+def tail_count(rank: int, fraction: float) -> int:
+    """How many directions form the "tail" of a rank-``rank`` layer: ``max(1, round(fraction·rank))``."""
+    return max(1, round(fraction * rank))
+
+
+def energy_shares(s: Tensor) -> Tensor:
+    """``sᵢ² / Σ sⱼ²`` sorted descending, float64 ``(r,)`` (all zeros for an all-zero ``s``).
+
+    Scale-free: ``energy_shares(c·s) == energy_shares(s)``; the prefix sums are ``ρ(k)``.
+    """
+    e = sorted_energy(s)
+    total = e.sum()
+    return e / total if float(total) > 0.0 else e
+
+
+def kept_tail_shares(s: Tensor, fraction: float) -> Tensor:
+    """For every candidate rank ``k = 1..r``: the share of the energy *kept at rank k* that its own
+    tail (the ``tail_count(k, fraction)`` smallest kept directions) holds. ``(r,) → (r,)`` float64,
+    entry ``k−1`` for rank ``k``; the tail share a layer would show right after shrinking to ``k``."""
+    e = sorted_energy(s)
+    r = e.numel()
+    cum = torch.cat([e.new_zeros(1), torch.cumsum(e, 0)])  # cum[k] = Σ_{i<k} e_i
+    ks = torch.arange(1, r + 1)
+    t = torch.tensor([tail_count(int(k), fraction) for k in ks])
+    kept = cum[ks]
+    tail = kept - cum[ks - t]
+    return torch.where(kept > 0, tail / kept.clamp_min(torch.finfo(e.dtype).tiny), torch.zeros_like(kept))
+
+
 def effective_rank(s: Tensor) -> float:
     """Roy & Vetterli's effective rank ``exp(H(p))`` with ``pᵢ = |sᵢ| / Σ|sⱼ|``."""
     a = s.detach().double().abs()

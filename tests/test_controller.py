@@ -1,0 +1,187 @@
+"""RankController policies (energy, budget), guardrails, plan serialization, exact resume; and the
+spectrum helpers they use. Spectra are hand-made so every expected rank is computed by hand below;
+shares are float64 (compared to 1e-12)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tsvd.config import RankConfig
+from tsvd.controller import RankChange, RankController, RankPlan, allocate_budget, energy_target
+from tsvd.errors import UserError
+from tsvd.spectrum import energy_shares, kept_tail_shares, tail_count, tail_share
+
+GEOM = torch.tensor([0.5 ** (i / 2) for i in range(20)])  # sᵢ² = 0.5ⁱ: each direction half the previous
+FLAT = torch.ones(20)
+
+
+def energy_cfg(**kw) -> RankConfig:
+    base = dict(policy="energy", warmup_steps=100, interval=100, energy=0.9, grow_tail=0.05, tail_fraction=0.1,
+                growth_factor=1.5, min_rank=2, max_rank=64, max_shrink=0.5, hysteresis=0.05)
+    return RankConfig(**(base | kw))
+
+
+# ---------------------------------------------------------------- spectrum helpers
+
+
+def test_tail_count_and_energy_shares():
+    assert [tail_count(r, 0.1) for r in (1, 4, 5, 15, 20, 32)] == [1, 1, 1, 2, 2, 3]
+    sh = energy_shares(torch.tensor([1.0, -3.0, 0.0]))
+    assert sh.tolist() == pytest.approx([0.9, 0.1, 0.0], rel=1e-12)
+    assert torch.allclose(energy_shares(8.0 * GEOM), energy_shares(GEOM), rtol=1e-12, atol=0)
+    assert energy_shares(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_kept_tail_shares_match_brute_force():
+    s = torch.randn(17, generator=torch.Generator().manual_seed(0))
+    sorted_s = s.abs().sort(descending=True).values
+    got = kept_tail_shares(s, 0.2)
+    for k in range(1, 18):
+        assert float(got[k - 1]) == pytest.approx(tail_share(sorted_s[:k], tail_count(k, 0.2)), rel=1e-12)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_due_schedule():
+    c = RankController(energy_cfg(warmup_steps=100, interval=50), {"a": (64, 64)})
+    assert [s for s in range(0, 260) if c.due(s)] == [100, 150, 200, 250]
+    c0 = RankController(energy_cfg(warmup_steps=0, interval=50), {"a": (64, 64)})
+    assert not c0.due(0) and c0.due(50)
+    static = RankController(RankConfig(policy="static", warmup_steps=0, interval=1), {"a": (64, 64)})
+    assert not any(static.due(s) for s in range(10))
+
+
+# ---------------------------------------------------------------- energy policy
+
+
+def test_energy_shrink_bounded_by_max_shrink_and_min_rank():
+    rows = (128, 96)
+    # ρ(3) = 0.875 < 0.9 ≤ ρ(4) = 0.9375; but at k=4 the kept tail (1 direction) holds
+    # 0.125/1.875 = 6.7% > grow_tail, at k=5 it holds 0.0625/1.9375 = 3.2%: the target is 5.
+    assert energy_target(GEOM, energy_cfg(max_shrink=0.9), rows) == 5
+    assert energy_target(GEOM, energy_cfg(max_shrink=0.5), rows) == 10  # at most ⌊0.5·20⌋ dropped
+    assert energy_target(GEOM, energy_cfg(max_shrink=0.9, min_rank=8), rows) == 8
+    assert energy_target(GEOM, energy_cfg(max_shrink=0.0), rows) == 20
+
+
+def test_energy_grow_capped():
+    # tail = 2 of 20 equal directions = 10% > 5%: grow by 1.5×, capped by max_rank and min(rows)
+    assert energy_target(FLAT, energy_cfg(), (128, 96)) == 30
+    assert energy_target(FLAT, energy_cfg(max_rank=24), (128, 96)) == 24
+    assert energy_target(FLAT, energy_cfg(), (128, 22)) == 22
+    assert energy_target(FLAT, energy_cfg(), (128, 20)) == 20  # already full rank
+    assert energy_target(torch.zeros(20), energy_cfg(), (128, 96)) == 20  # nothing to judge
+
+
+def test_no_shrink_into_the_growth_region():
+    # 10 equal strong directions + 10 weak ones: ρ(10) ≥ 0.9, but a flat rank-10 layer would look
+    # saturated (tail 1/10 > grow_tail) and regrow at once; the policy stops where the kept tail is calm.
+    s = torch.cat([torch.ones(10), torch.full((10,), 0.05)])
+    k = energy_target(s, energy_cfg(max_shrink=0.9), (128, 96))
+    assert k > 10 and float(kept_tail_shares(s, 0.1)[k - 1]) <= 0.05
+    assert float(kept_tail_shares(s, 0.1)[k - 2]) > 0.05  # and it is the smallest such rank
+
+
+def test_hysteresis_ignores_small_changes():
+    s = torch.cat([torch.ones(19) * 10, torch.tensor([0.01])])  # energy target 19 (Δ = 1 of 20)
+    cfg = energy_cfg(energy=0.99, hysteresis=0.1, grow_tail=0.2)
+    c = RankController(cfg, {"a": (128, 96)})
+    assert energy_target(s, cfg, (128, 96)) == 19
+    assert c.plan(100, {"a": s}).ranks == {}
+    c = RankController(energy_cfg(energy=0.99, hysteresis=0.0, grow_tail=0.2), {"a": (128, 96)})
+    assert c.plan(100, {"a": s}).ranks == {"a": 19}
+
+
+def test_no_shrink_right_after_growth_and_exact_resume():
+    cfg = energy_cfg(max_shrink=0.9)
+    layers = {"a": (128, 96), "b": (128, 96)}
+    seq = [{"a": FLAT, "b": GEOM},  # a grows 20→30, b shrinks 20→5
+           {"a": torch.cat([FLAT, torch.zeros(10)]), "b": GEOM[:5]},  # a's new directions still at 0
+           {"a": torch.cat([FLAT, torch.zeros(10)]), "b": GEOM[:5]}]
+    c = RankController(cfg, layers)
+    plans = [c.plan(100 * (i + 1), spectra) for i, spectra in enumerate(seq)]
+    assert plans[0].ranks == {"a": 30, "b": 5} and plans[0].before == {"a": 20, "b": 20}
+    assert plans[1].ranks == {}  # a may not shrink one interval after growing
+    # the new directions earned nothing: dropped, but one — at rank 20 the flat layer's tail (2/20 > 5%)
+    # would trigger growth again; at 21 the kept tail is (1 + 0)/20 = 5%
+    assert plans[2].ranks == {"a": 21}
+    # resume after the first decision from a JSON round trip of the state: identical decisions
+    c1 = RankController(cfg, layers)
+    c1.plan(100, seq[0])
+    c2 = RankController(cfg, layers)
+    c2.load_state_dict(json.loads(json.dumps(c1.state_dict())))
+    assert [c2.plan(200, seq[1]).ranks, c2.plan(300, seq[2]).ranks] == [plans[1].ranks, plans[2].ranks]
+
+
+def test_unknown_layer_in_spectra():
+    with pytest.raises(ValueError, match="does not know"):
+        RankController(energy_cfg(), {"a": (8, 8)}).plan(100, {"b": torch.ones(4)})
+
+
+# ---------------------------------------------------------------- budget policy
+
+
+def budget_cfg(**kw) -> RankConfig:
+    return energy_cfg(**(dict(policy="budget", warmup_steps=0, interval=10, hysteresis=0.0) | kw))
+
+
+def test_budget_moves_rank_from_decaying_to_flat_layer():
+    layers = {"flat": (64, 64), "decay": (64, 64)}  # one direction costs 129 parameters in each
+    spectra = {"flat": torch.ones(8), "decay": GEOM[:8]}
+    c = RankController(budget_cfg(), layers)
+    plan = c.plan(10, spectra)
+    # budget = initial 16 directions; both floors are 4 (max_shrink 0.5); the 8 left go to "flat"
+    # (its real and virtual directions are worth 1/8 each, "decay"'s 5th only ~3%), capped at 1.5·8.
+    assert plan.ranks == {"flat": 12, "decay": 4}
+    assert c.budget == 16 * 129
+    # scale-free: multiplying a layer's s by 1000 changes nothing
+    scaled = RankController(budget_cfg(), layers).plan(10, {"flat": torch.ones(8), "decay": 1000 * GEOM[:8]})
+    assert scaled.ranks == plan.ranks
+    # explicit budget: 10 directions → floors (8) + 2 for "flat"
+    small = RankController(budget_cfg(budget_params=10 * 129), layers).plan(10, spectra)
+    assert small.ranks == {"flat": 6, "decay": 4}
+
+
+def test_budget_respects_bounds_and_total():
+    gen = torch.Generator().manual_seed(0)
+    layers = {f"l{i}": shape for i, shape in enumerate([(64, 32), (128, 48), (96, 96), (200, 40), (48, 48)])}
+    cfg = budget_cfg(budget_params=30_000, min_rank=3, max_rank=40)
+    c = RankController(cfg, layers)
+    spectra = {n: torch.randn(int(torch.randint(4, 30, (1,), generator=gen)), generator=gen) ** 3 for n in layers}
+    plan = c.plan(10, spectra)
+    new = {n: plan.ranks.get(n, s.numel()) for n, s in spectra.items()}
+    assert sum(new[n] * c.cost(n) for n in layers) <= 30_000
+    for n, s in spectra.items():
+        r = s.numel()
+        assert max(3, r - math.floor(0.5 * r)) <= new[n] <= min(40, min(layers[n]), math.ceil(1.5 * r))
+
+
+def test_allocate_budget_prefers_cheap_parameters():
+    # equal shares, but "cheap" directions cost half as much: the greedy spends on them first
+    shares = {"cheap": torch.full((4,), 0.25, dtype=torch.float64), "dear": torch.full((4,), 0.25, dtype=torch.float64)}
+    out = allocate_budget(shares, {"cheap": 10, "dear": 20}, {"cheap": 1, "dear": 1}, {"cheap": 6, "dear": 6}, 100)
+    assert out == {"cheap": 6, "dear": 2}  # 10+20 floors, 5 more cheap (50), then one dear (20)
+
+
+# ---------------------------------------------------------------- serialization
+
+
+def test_plan_and_change_round_trip_json():
+    plan = RankPlan(step=300, ranks={"layers.0.mlp.up": 48}, before={"layers.0.mlp.up": 32})
+    assert RankPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    change = RankChange("layers.0.mlp.up", 32, 48, 1.5, 1.5)
+    assert json.loads(json.dumps(change.to_dict())) == {"layer": "layers.0.mlp.up", "old": 32, "new": 48,
+                                                         "energy_before": 1.5, "energy_after": 1.5}
+    for bad in ({"ranks": {}}, {"step": 1, "ranks": {"a": "32"}}, {"step": True, "ranks": {}}, [1]):
+        with pytest.raises(UserError):
+            RankPlan.from_dict(bad)
+
+
+def test_sketch_width():
+    c = RankController(energy_cfg(max_rank=40), {"a": (128, 96), "b": (128, 96), "c": (16, 16)})
+    assert c.sketch_width({"a": 20, "b": 40, "c": 12}) == {"a": 10, "c": 4}

@@ -1,0 +1,222 @@
+"""Rank control: read every spectral layer's spectrum ``s`` at intervals and decide its next rank.
+
+The math lives in pure functions (``energy_target``, ``allocate_budget``, ``guard``); the
+``RankController`` only adds the schedule (``due``), the budget resolved at the first decision and
+a one-decision memory of which layers just grew. It returns a ``RankPlan`` (what to change); applying
+it is ``tsvd.surgery``'s job (or an engine's ``apply_rank_plan``). See docs/adaptive-rank.md.
+
+Conventions: a layer's rank is ``r = len(s)``; ``rows = (rows of U, rows of V)`` so ``min(rows)`` is
+the largest possible rank; one direction costs ``rows[0] + rows[1] + 1`` parameters (a column of
+``U``, a column of ``V``, one entry of ``s``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from tsvd.config import RankConfig
+from tsvd.errors import UserError
+from tsvd.spectrum import energy, energy_shares, kept_tail_shares, rank_for_energy, tail_count, tail_share
+
+
+@dataclass(frozen=True)
+class RankChange:
+    """One applied change. ``energy_*`` are the layer's ``Σ sᵢ² = ‖W‖_F²`` before and after: a shrink
+    loses exactly the dropped directions' energy, a growth none (new directions have ``s = 0``)."""
+
+    layer: str
+    old: int
+    new: int
+    energy_before: float
+    energy_after: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RankPlan:
+    """The decision taken at ``step``: ``ranks`` maps every layer that changes to its new rank;
+    ``before`` records the ranks it was decided from (so a replay can check it applies to the same
+    model state). JSON round trip: ``RankPlan.from_dict(json.loads(json.dumps(plan.to_dict())))``."""
+
+    step: int
+    ranks: dict[str, int]
+    before: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "ranks": dict(self.ranks), "before": dict(self.before)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RankPlan":
+        def ranks(key: str) -> dict[str, int]:
+            value = d.get(key, {})
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
+                raise UserError(f"rank plan: '{key}' must map layer names to integer ranks, got {value!r}")
+            return dict(value)
+
+        if not isinstance(d, Mapping) or isinstance(d.get("step"), bool) or not isinstance(d.get("step"), int):
+            raise UserError(f"rank plan: expected a mapping with an integer 'step', got {d!r}")
+        return cls(step=d["step"], ranks=ranks("ranks"), before=ranks("before"))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure policy math. ``s``: one layer's spectrum (any order, any sign); ranks are ints.
+
+
+def rank_bounds(cfg: RankConfig, rows: tuple[int, int]) -> tuple[int, int]:
+    """``(lowest, highest)`` rank the controller may give a layer with factors of ``rows`` rows."""
+    cap = min(rows)
+    return min(cfg.min_rank, cap), min(cfg.max_rank, cap)
+
+
+def shrink_floor(rank: int, cfg: RankConfig, lowest: int) -> int:
+    """Lowest rank reachable in one decision: at most ``⌊max_shrink·r⌋`` dropped, never below ``lowest``."""
+    return min(rank, max(lowest, rank - math.floor(cfg.max_shrink * rank)))
+
+
+def growth_ceiling(rank: int, cfg: RankConfig, highest: int) -> int:
+    """Highest rank reachable in one decision: ``⌈growth_factor·r⌉`` capped at ``highest`` (never below ``r``)."""
+    return max(rank, min(highest, math.ceil(cfg.growth_factor * rank)))
+
+
+def energy_target(s: Tensor, cfg: RankConfig, rows: tuple[int, int]) -> int:
+    """The energy policy's rank for one layer (before hysteresis).
+
+    Grow to ``growth_ceiling`` when the tail (``tail_count(r)`` smallest directions) holds more than
+    ``grow_tail`` of ``Σ sᵢ²``. Otherwise shrink to the smallest ``k`` with ``ρ(k) ≥ energy`` whose own
+    kept tail is at most ``grow_tail`` (never shrink into a state that would trigger growth at the
+    next decision), bounded by ``shrink_floor``. An all-zero spectrum keeps its rank.
+    """
+    r = s.numel()
+    lowest, highest = rank_bounds(cfg, rows)
+    if energy(s) == 0.0:
+        return r
+    if r < highest and tail_share(s, tail_count(r, cfg.tail_fraction)) > cfg.grow_tail:
+        return growth_ceiling(r, cfg, highest)
+    k = rank_for_energy(s, cfg.energy)
+    calm = (kept_tail_shares(s, cfg.tail_fraction) <= cfg.grow_tail).nonzero().flatten() + 1  # ranks, ascending
+    calm = calm[calm >= k]
+    k = int(calm[0]) if calm.numel() else r
+    return max(min(k, highest), shrink_floor(r, cfg, lowest))
+
+
+def allocate_budget(shares: Mapping[str, Tensor], cost: Mapping[str, int], low: Mapping[str, int],
+                    high: Mapping[str, int], budget: int) -> dict[str, int]:
+    """Split ``budget`` parameters across layers by pooled, normalized singular values (greedy top-K).
+
+    ``shares[l]``: layer ``l``'s energy shares ``sᵢ²/Σs²`` sorted descending (``energy_shares``);
+    ``cost[l]``: parameters per direction; ``low[l] ≤ rank ≤ high[l]``. Every layer first gets ``low``;
+    the remaining budget goes to candidate directions in decreasing order of ``share / cost``
+    (the energy fraction a parameter buys). Directions beyond the current rank ``len(shares[l])`` are
+    *virtual*, valued like the layer's weakest direction: a flat spectrum (saturated layer) bids high
+    for more rank, a decaying one low. Shares are non-increasing per layer, so each layer receives a
+    prefix — i.e. a rank. Ties are broken by layer order, then index (deterministic).
+    """
+    layers = list(shares)
+    ranks = {name: low[name] for name in layers}
+    spent = sum(low[name] * cost[name] for name in layers)
+    candidates: list[tuple[float, int, int, str]] = []
+    for order, name in enumerate(layers):
+        e = shares[name].double()
+        weakest = float(e[-1]) if e.numel() else 0.0
+        values = [float(e[i]) if i < e.numel() else weakest for i in range(low[name], high[name])]
+        candidates += [(-v / cost[name], order, i, name) for i, v in zip(range(low[name], high[name]), values)]
+    for _, _, _, name in sorted(candidates):
+        if spent + cost[name] <= budget:
+            ranks[name] += 1
+            spent += cost[name]
+    return ranks
+
+
+def guard(rank: int, target: int, cfg: RankConfig, just_grew: bool) -> int:
+    """Guardrails on a proposed rank: hysteresis (ignore ``|Δ| < hysteresis·r``) and no shrink right
+    after a growth (new directions start at ``s = 0`` and get one interval to earn energy)."""
+    if abs(target - rank) < cfg.hysteresis * rank or (just_grew and target < rank):
+        return rank
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class RankController:
+    """Decides rank changes for the layers ``layers: {name: (rows of U, rows of V)}`` under ``cfg``.
+
+    The trainer calls ``due(step)`` every step and, when due, ``plan(step, spectra)`` after that step's
+    update; it must apply every plan it gets (the controller remembers growths it planned).
+    ``state_dict``/``load_state_dict`` make a resumed run decide exactly as an uninterrupted one.
+    """
+
+    def __init__(self, cfg: RankConfig, layers: dict[str, tuple[int, int]]) -> None:
+        self.cfg = cfg
+        self.layers = {name: (int(rows[0]), int(rows[1])) for name, rows in layers.items()}
+        self.budget: int | None = cfg.budget_params or None  # resolved at the first plan when 0
+        self.last_growth: dict[str, int] = {}  # layer -> step of its last planned growth
+
+    def due(self, step: int) -> bool:
+        c = self.cfg
+        return c.policy != "static" and step > 0 and step >= c.warmup_steps and (step - c.warmup_steps) % c.interval == 0
+
+    def cost(self, layer: str) -> int:
+        """Parameters one direction of ``layer`` costs: a column of ``U`` and of ``V``, one ``s``."""
+        m, n = self.layers[layer]
+        return m + n + 1
+
+    def sketch_width(self, ranks: Mapping[str, int]) -> dict[str, int]:
+        """The most directions each layer can gain at the next decision (``growth_ceiling − r``), for
+        sizing a ``GradientSketch``; layers already at their ceiling are left out."""
+        out = {}
+        for name, r in ranks.items():
+            k = growth_ceiling(r, self.cfg, rank_bounds(self.cfg, self.layers[name])[1]) - r
+            if k > 0:
+                out[name] = k
+        return out
+
+    def plan(self, step: int, spectra: Mapping[str, Tensor]) -> RankPlan:
+        """``spectra``: ``{layer: s}`` for (a subset of) the controller's layers, current after the step."""
+        unknown = [name for name in spectra if name not in self.layers]
+        if unknown:
+            raise ValueError(f"spectra for layers the controller does not know: {unknown}")
+        ranks = {name: s.numel() for name, s in spectra.items()}
+        if self.cfg.policy == "energy":
+            targets = {name: energy_target(s, self.cfg, self.layers[name]) for name, s in spectra.items()}
+        elif self.cfg.policy == "budget":
+            targets = self._budget_targets(spectra)
+        else:
+            targets = dict(ranks)
+        planned: dict[str, int] = {}
+        for name, r in ranks.items():
+            just_grew = step - self.last_growth.get(name, -math.inf) <= self.cfg.interval
+            new = guard(r, targets[name], self.cfg, just_grew)
+            if new != r:
+                planned[name] = new
+                if new > r:
+                    self.last_growth[name] = step
+        return RankPlan(step, planned, {name: ranks[name] for name in planned})
+
+    def _budget_targets(self, spectra: Mapping[str, Tensor]) -> dict[str, int]:
+        names = list(spectra)
+        if self.budget is None:
+            self.budget = sum(spectra[n].numel() * self.cost(n) for n in names)
+        low, high = {}, {}
+        for n in names:
+            r = spectra[n].numel()
+            lowest, highest = rank_bounds(self.cfg, self.layers[n])
+            low[n] = shrink_floor(r, self.cfg, lowest)
+            high[n] = max(low[n], min(highest, growth_ceiling(r, self.cfg, highest)))
+        shares = {n: energy_shares(spectra[n]) for n in names}
+        return allocate_budget(shares, {n: self.cost(n) for n in names}, low, high, self.budget)
+
+    def state_dict(self) -> dict:
+        return {"budget": self.budget, "last_growth": dict(self.last_growth)}
+
+    def load_state_dict(self, d: Mapping) -> None:
+        self.budget = d["budget"]
+        self.last_growth = {str(k): int(v) for k, v in d["last_growth"].items()}

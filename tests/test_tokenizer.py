@@ -69,3 +69,8 @@ def test_load_errors(tmp_path):
         BPETokenizer.from_file(tmp_path / "bad.json")
     with pytest.raises(UserError, match="not found"):
         BPETokenizer.from_file(tmp_path / "missing.json")
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "no_eot.json"))
+    with pytest.raises(UserError, match="no end-of-text token"):
+        BPETokenizer.from_file(tmp_path / "no_eot.json")

@@ -306,6 +306,7 @@ def prepare_data(cfg: DataConfig, progress: bool = True, overwrite: bool = False
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     try:
         tok.save(tmp)
         with tqdm(total=sum(len(d.text) for d in docs), unit="char", unit_scale=True, desc="tokenize",

@@ -128,7 +128,7 @@ class Transformer(nn.Module):
             if target in sp.targets:
                 return SpectralLinear(in_f, out_f, target_rank(cfg, target), bias=False, init=sp.init, std=std, **factory)
             lin = nn.Linear(in_f, out_f, bias=False, **factory)
-            nn.init.normal_(lin.weight, 0.0, std)
+            init_normal_(lin.weight, std)
             return lin
 
         if "embed" in sp.targets:
@@ -136,7 +136,7 @@ class Transformer(nn.Module):
                                              std=cfg.init_std, **factory)
         else:
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim, **factory)
-            nn.init.normal_(self.tok_emb.weight, 0.0, cfg.init_std)
+            init_normal_(self.tok_emb.weight, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg, proj, **factory) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **factory)
         if not cfg.tie_embeddings:
@@ -166,6 +166,12 @@ class Transformer(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+
+def init_normal_(weight: Tensor, std: float) -> None:
+    """normal(0, std) in place; skipped on meta tensors (no values to fill, and meta init is slow)."""
+    if weight.device.type != "meta":
+        nn.init.normal_(weight, 0.0, std)
 
 
 def target_rank(cfg: ModelConfig, target: str) -> int:

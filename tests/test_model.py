@@ -186,7 +186,8 @@ def test_loss_at_init_is_uniform(targets):
 
 
 def test_backward_reaches_every_parameter():
-    model = build_model(small_cfg(tie_embeddings=False, spectral=SpectralConfig(targets=["q", "up", "lm_head"], rank=4)))
+    cfg = small_cfg(tie_embeddings=False, spectral=SpectralConfig(targets=["q", "up", "lm_head"], rank=4))
+    model = build_model(cfg)
     idx = torch.randint(0, 97, (2, 8))
     model(idx, idx)[1].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

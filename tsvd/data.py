@@ -16,11 +16,12 @@ A *document* is one file. Corpus entries (``data.corpus``):
   decompressed); hidden entries are skipped.
 - a file: used as it is (``.gz`` decompressed).
 
-Files with NUL bytes or invalid UTF-8 are skipped, and so are exact duplicates (same bytes). Files
-are read in sorted order of their document names (``stdlib/json/decoder.py``,
-``<folder name>/<relative path>``), so ``data.max_bytes`` (0 = no cap) always keeps the same prefix;
-the last document is cut at the cap. The train/val split is by document, from a hash of its name:
-stable when files are added or removed elsewhere, never a document on both sides.
+Unreadable files and files with NUL bytes or invalid UTF-8 are skipped, and so are exact duplicates
+(same bytes). Entries are read in order, each in sorted order of its document names
+(``stdlib/json/decoder.py``, ``<folder name>/<relative path>``), so ``data.max_bytes`` (0 = no cap)
+always keeps the same prefix; the last document is cut at the cap. The train/val split is by
+document, from a hash of its name: stable when files are added or removed elsewhere, never a
+document on both sides.
 
 ``load_data(dir)`` memory-maps the shards; ``BatchSampler`` draws seeded, resumable random windows;
 ``val_batches`` gives fixed evaluation windows; ``unigram_loss`` is the baseline a model must beat.
@@ -138,13 +139,13 @@ def _listing(entry: str) -> tuple[str, list[tuple[str, Path]]]:
 
 
 def _read_text(path: Path) -> str | None:
-    """The file as text, or ``None`` if it is binary or not UTF-8."""
-    data = path.read_bytes()
-    if path.name.endswith(".gz"):
-        try:
+    """The file as text, or ``None`` if it is unreadable, binary or not UTF-8."""
+    try:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
             data = gzip.decompress(data)
-        except (OSError, EOFError):
-            return None
+    except (OSError, EOFError):  # permissions, a broken link, a damaged archive
+        return None
     if b"\0" in data:
         return None
     try:

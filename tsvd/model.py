@@ -1,6 +1,7 @@
 """A Llama-style decoder whose projections are spectral (``W = V diag(s) Uᵀ``) or dense by config.
 
-tokens (B,T) ─► tok_emb ─► n_layers × [x + attn(attn_norm(x)); x + mlp(mlp_norm(x))] ─► norm ─► logits (B,T,V)
+    tokens (B,T) ─► tok_emb ─► n_layers × [x += attn(attn_norm(x)); x += mlp(mlp_norm(x))]
+                 ─► norm ─► lm_head (or tok_emb transposed) ─► logits (B,T,V) ─► cross-entropy
 
 - RMSNorm, rotary position embeddings (HF Llama "rotate-half" layout, so exported q/k weights need
   no permutation), grouped-query causal attention (SDPA), SwiGLU MLP, no biases.
@@ -126,7 +127,8 @@ class Transformer(nn.Module):
                 residual = target in ("o", "down")
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std
             if target in sp.targets:
-                return SpectralLinear(in_f, out_f, target_rank(cfg, target), bias=False, init=sp.init, std=std, **factory)
+                rank = target_rank(cfg, target)
+                return SpectralLinear(in_f, out_f, rank, bias=False, init=sp.init, std=std, **factory)
             lin = nn.Linear(in_f, out_f, bias=False, **factory)
             init_normal_(lin.weight, std)
             return lin

@@ -79,7 +79,8 @@ class BPETokenizer:
         self.vocab_size: int = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, progress: bool = False, length: int | None = None) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, progress: bool = False,
+              length: int | None = None) -> "BPETokenizer":
         """Train a byte-level BPE with ``vocab_size`` entries (256 bytes + merges + end-of-text)."""
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -57,6 +57,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tsvd.hf import convert_hf
+
+    energy = None if args.rank is not None else (0.95 if args.energy is None else args.energy)
+    convert_hf(args.src, args.out_dir, energy=energy, rank=args.rank, targets=args.targets,
+               exclude=args.exclude, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tsvd.hf import export
+
+    r = export(args.src, args.out_dir, factors=args.factors, overwrite=args.overwrite)
+    print(f"exported {r.source} {args.src} as {r.kind} {r.architecture} ({r.params:,} params) -> {r.out_dir}")
+    for note in r.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsvd",
@@ -93,6 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (configs only)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face causal LM (dir or .gguf) to spectral factors",
+                       description="Load a local Hugging Face causal-LM directory (safetensors/bin) or .gguf file, "
+                                   "replace the targeted nn.Linear layers by truncated-SVD factors and write a factor "
+                                   "checkpoint (factors.safetensors, tsvd_factors.json, report.json/.txt, tokenizer). "
+                                   "Needs the 'hf' extra. See docs/hf.md.",
+                       epilog="Example: tsvd convert ./SmolLM2-135M ./smollm2-e95 --energy 0.95 --targets 'model.layers.*'")
+    p.add_argument("src", help="Hugging Face model directory or .gguf file")
+    p.add_argument("out_dir", help="directory for the factor checkpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--energy", type=float, help="per-layer rank keeping this fraction of Σ s² (default 0.95)")
+    g.add_argument("--rank", type=int, help="fixed rank for every layer (capped at min(in, out))")
+    p.add_argument("--targets", nargs="+", metavar="GLOB", help="module-name globs to convert (default: every "
+                   "nn.Linear except the output head)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="module-name globs to keep dense")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="export a factor or training checkpoint as a Hugging Face checkpoint",
+                       description="Materialize dense weights and write a Hugging Face checkpoint (config.json + "
+                                   "model.safetensors) from a factor checkpoint (tsvd convert) or from a tsvd "
+                                   "training checkpoint / run out_dir (as LlamaForCausalLM). --factors keeps the "
+                                   "factors instead (compact factor checkpoint). Needs the 'hf' extra.",
+                       epilog="Examples: tsvd export ./smollm2-e95 ./smollm2-e95-hf; tsvd export runs/tiny-cpu ./tiny-hf")
+    p.add_argument("src", help="factor checkpoint dir, tsvd checkpoint dir, or a run's out_dir")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--factors", action="store_true", help="keep U, s, V (factor checkpoint) instead of dense weights")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -142,8 +142,10 @@ class Trainer:
         return RankController(self.cfg.rank, layers)
 
     # ---------------------------------------------------------------- the loop
-    def fit(self) -> TrainSummary:
+    def fit(self, stop_at: int | None = None) -> TrainSummary:
+        """Train until ``cfg.train.steps`` (or until ``stop_at``, as if interrupted there)."""
         t, summary = self.cfg.train, TrainSummary(step=self.step)
+        last = t.steps if stop_at is None else min(stop_at, t.steps)
         if self.engine.is_main:
             summary.unigram_loss = unigram_loss(self.data.train, self.data.val, self.data.meta.vocab_size)
             self.metrics.scalars(self.step, {"val/unigram_loss": summary.unigram_loss})
@@ -151,7 +153,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         bad_steps, t_start, steps_run = 0, time.perf_counter(), 0
         try:
-            while self.step < t.steps:
+            while self.step < last:
                 step = self.step
                 log_now = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
                 due = self.controller is not None and self.controller.due(step + 1)

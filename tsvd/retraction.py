@@ -1,10 +1,12 @@
 """Keeping every spectral factor of a model on the Stiefel manifold after each optimizer step.
 
-``Retractor`` is the thin stateful wrapper around ``tsvd.stiefel.orthonormalize``: it finds the
-factors (``U``, ``V`` of every ``SpectralModule``), groups same-shape factors into bounded batches,
-orthonormalizes them and writes the result back, keeping a small per-factor cache
-(``FactorCache``: Gram drift before the step, fallback flag, measured error). The cache is what
-the metrics read — nothing is factorized twice for diagnostics.
+``Retractor`` is the thin stateful wrapper around ``tsvd.stiefel.orthonormalize_each``: it finds the
+factors (``U``, ``V`` of every ``SpectralModule``), groups same-shape factors (their small ``r×r``
+work is batched; the tall factors themselves are never stacked or copied), orthonormalizes them one by
+one into a reused scratch buffer and writes each result back, keeping a small per-factor cache
+(``FactorCache``: Gram drift before the step, fallback flag, measured error). The Gram computed for
+the retraction is the drift diagnostic and the lazy-mode test, and feeds the Cholesky factorization:
+nothing is factorized twice per step.
 
 Use it in one of three ways::
 
@@ -24,11 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from tsvd.spectral import SpectralModule
-from tsvd.stiefel import METHODS, drift, gram, orthonormalize
+from tsvd.stiefel import METHODS, drift, gram, orthonormalize_each
 
 Writer = Callable[[str, nn.Parameter, Tensor], None]
 
-#: Upper bound on the bytes of one stacked batch of same-shape factors (bounds the temporary).
+#: Upper bound on the bytes of the factors in one group (bounds the number of Grams held at once).
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -93,7 +95,13 @@ class Retractor:
     @torch.no_grad()
     def __call__(self, write: Writer = copy_writer, only: Iterable[str] | None = None,
                  measure_error: bool = False) -> RetractionReport:
-        """Retract the factors (all, or the names in ``only``) and write each result with ``write``."""
+        """Retract the factors (all, or the names in ``only``) and write each result with ``write``.
+
+        Per factor: one Gram (its drift is the cache's diagnostic and decides lazy skips and the
+        path), one small Cholesky, one GEMM into a scratch buffer, then ``write`` — which receives
+        ``Q`` in that reused buffer and must copy it. Factors are never stacked (a stack costs a
+        full-size copy in and out); same-shape factors share the batched small-matrix work.
+        """
         t0 = time.perf_counter()
         factors = self.factors()
         if only is not None:
@@ -101,27 +109,35 @@ class Retractor:
             factors = {n: p for n, p in factors.items() if n in keep}
         report = RetractionReport()
         for batch in self._batches(factors):
-            A = batch[0][1].data.unsqueeze(0) if len(batch) == 1 else torch.stack([p.data for _, p in batch])
-            G = gram(A)
-            d = drift(G)
-            todo = torch.ones_like(d, dtype=torch.bool) if self.lazy_tol is None else d > self.lazy_tol
-            if bool(todo.any()):
-                Q, info = orthonormalize(A[todo], self.method, G[todo])
-            idx = 0
-            for j, (name, p) in enumerate(batch):
+            mats = [p.detach() for _, p in batch]
+            r = mats[0].shape[-1]
+            G = mats[0].new_empty(len(mats), r, r)
+            for i, A in enumerate(mats):
+                gram(A, out=G[i])
+            d = drift(G).tolist()
+            todo = [i for i, di in enumerate(d) if self.lazy_tol is None or not di <= self.lazy_tol]
+            skipped = set(range(len(batch))) - set(todo)
+            for i, (name, _) in enumerate(batch):
                 c = self.cache[name]
-                c.drift, c.skipped = float(d[j]), not bool(todo[j])
-                report.max_drift = max(report.max_drift, c.drift)
-                if c.skipped:
-                    continue
-                c.householder = bool(info.householder[idx]) and self.method == "cholesky"
-                write(name, p, Q[idx])
+                c.drift, c.skipped = d[i], i in skipped
+                report.max_drift = max(report.max_drift, d[i])
+            if not todo:
+                continue
+
+            def sink(k: int, Q: Tensor, todo: list[int] = todo, batch=batch) -> None:
+                name, p = batch[todo[k]]
+                write(name, p, Q)
                 if measure_error:
-                    c.error = float(drift(gram(p.data.double())))
+                    self.cache[name].error = float(drift(gram(Q.double())))
+
+            info = orthonormalize_each([mats[i] for i in todo], self.method, G[todo], sink)
+            for k, i in enumerate(todo):
+                name = batch[i][0]
+                c = self.cache[name]
+                c.householder = bool(info.householder[k]) and self.method == "cholesky"
                 report.retracted.append(name)
                 if c.householder:
                     report.fallbacks.append(name)
-                idx += 1
         report.seconds = time.perf_counter() - t0
         return report
 

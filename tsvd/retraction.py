@@ -8,6 +8,10 @@ one into a reused scratch buffer and writes each result back, keeping a small pe
 the retraction is the drift diagnostic and the lazy-mode test, and feeds the Cholesky factorization:
 nothing is factorized twice per step.
 
+With ``measure_error=True`` the post-retraction error ``‖QᵀQ − I‖_F`` is measured, and a factor whose
+error exceeds ``repair_tolerance`` (1e-5 in fp32) is repaired on the spot by a full Householder QR and
+listed in ``RetractionReport.repaired`` (the trainer logs it).
+
 Use it in one of three ways::
 
     retract_(model)                         # one-off, e.g. after loading weights
@@ -26,12 +30,21 @@ import torch
 from torch import Tensor, nn
 
 from tsvd.spectral import SpectralModule
-from tsvd.stiefel import METHODS, drift, gram, orthonormalize_each
+from tsvd.stiefel import METHODS, drift, gram, householder_qr, orthonormalize_each
 
 Writer = Callable[[str, nn.Parameter, Tensor], None]
 
 #: Upper bound on the bytes of the factors in one group (bounds the number of Grams held at once).
 CHUNK_BYTES = 64 * 2**20
+
+#: Measured ``‖QᵀQ − I‖_F`` above which a retracted factor is repaired by a full Householder QR.
+#: A good fp32 retraction leaves ~1e-6 (DESIGN §3); fp64 ~1e-14.
+REPAIR_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def repair_tolerance(dtype: torch.dtype) -> float:
+    """The orthonormality error beyond which a factor of ``dtype`` is re-orthonormalized (Householder)."""
+    return REPAIR_TOL.get(dtype, 1e-2)  # 16-bit factors: rounding alone is ~1e-3
 
 
 def copy_writer(name: str, param: nn.Parameter, Q: Tensor) -> None:
@@ -55,6 +68,7 @@ class RetractionReport:
     retracted: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     max_drift: float = 0.0
+    repaired: list[str] = field(default_factory=list)  # re-orthonormalized (Householder): error > tolerance
 
 
 def spectral_factors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -138,8 +152,25 @@ class Retractor:
                 report.retracted.append(name)
                 if c.householder:
                     report.fallbacks.append(name)
+        if measure_error:
+            self._repair(factors, write, report)
         report.seconds = time.perf_counter() - t0
         return report
+
+    def _repair(self, factors: dict[str, nn.Parameter], write: Writer, report: RetractionReport) -> None:
+        """Re-orthonormalize, with a full Householder QR, every factor just retracted whose measured
+        error exceeds ``repair_tolerance``; each goes into ``report.repaired`` (and counts as a fallback)."""
+        for name, p in factors.items():
+            c = self.cache[name]
+            if c.skipped or c.error is None or not c.error > repair_tolerance(p.dtype):
+                continue  # (a NaN error is not repairable here: the non-finite guards handle it)
+            Q = householder_qr(p.detach())[0]
+            write(name, p, Q)
+            c.error = float(drift(gram(Q.double())))
+            c.householder = True
+            report.repaired.append(name)
+            if name not in report.fallbacks:
+                report.fallbacks.append(name)
 
 
 def retract_(model: nn.Module, method: str = "cholesky") -> RetractionReport:

@@ -174,6 +174,9 @@ class Trainer:
                                             f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
                     continue
                 bad_steps = 0
+                if result.retraction.repaired:
+                    self.metrics.text(self.step, "retraction_repair", "orthonormality error above tolerance: "
+                                      "re-orthonormalized (Householder QR) " + ", ".join(result.retraction.repaired))
                 if due:
                     self._change_ranks(sketch)
                 if log_now:

@@ -1,6 +1,7 @@
 """Crash-safe checkpoints: write into a temporary directory, fsync, publish with an atomic rename,
 then move the ``latest`` pointer (itself replaced atomically). A crash at any point leaves the
-previous checkpoint complete and ``latest`` pointing at it.
+previous checkpoint complete and ``latest`` pointing at it; the unpublished ``.tmp-*`` directory it may
+leave behind is never read and is removed by the next save.
 
 Layout under ``<out_dir>/checkpoints``::
 
@@ -21,6 +22,7 @@ from tsvd.errors import UserError
 
 META_FILE = "meta.json"
 LATEST = "latest"
+TMP_PREFIX = ".tmp-"  # unpublished checkpoints being written; removed by the next save
 
 
 def _fsync_tree(path: Path) -> None:
@@ -54,6 +56,21 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _retire(root: Path, old: Path) -> None:
+    """Remove the published checkpoint ``old`` that a new one of the same step replaces. If ``latest``
+    points at it, it is first moved to the newest other complete checkpoint (or removed when there is
+    none), so that a crash before the replacement is published never leaves ``latest`` dangling."""
+    pointer = root / LATEST
+    if pointer.is_file() and pointer.read_text().strip() == old.name:
+        others = [d for d in sorted(root.glob("step-*")) if d != old and (d / META_FILE).is_file()]
+        if others:
+            write_text_atomic(pointer, others[-1].name)
+        else:
+            pointer.unlink()
+            _fsync_dir(root)
+    shutil.rmtree(old)
+
+
 def save_checkpoint(root: Path, step: int, meta: dict, write_state: Callable[[Path], None],
                     is_main: bool = True, barrier: Callable[[], None] = lambda: None, keep: int = 3) -> Path:
     """Publish a checkpoint for ``step``. ``write_state(tmp_dir)`` writes the engine's files (every rank
@@ -61,11 +78,11 @@ def save_checkpoint(root: Path, step: int, meta: dict, write_state: Callable[[Pa
     Older checkpoints beyond the ``keep`` newest are removed after publishing."""
     root = Path(root)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
+    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash in the middle of an earlier save
+            shutil.rmtree(stale)
         tmp.mkdir()
     barrier()
     write_state(tmp)
@@ -74,12 +91,13 @@ def save_checkpoint(root: Path, step: int, meta: dict, write_state: Callable[[Pa
         (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1))
         _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _retire(root, final)
         os.replace(tmp, final)
         _fsync_dir(root)
         write_text_atomic(root / LATEST, final.name)
         for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

@@ -31,7 +31,12 @@ from tsvd import checkpoint as ckpt
 from tsvd import stiefel
 from tsvd.retraction import Retractor, repair_tolerance, spectral_factors
 from tsvd.stiefel import orthonormality_error
+from tsvd.cli import main
+from tsvd.engine import torch_engine
 from tsvd.trainer import Trainer
+
+from conftest import tiny_raw
+from killable import kill_when_blocked, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("train.threads=1",)
@@ -56,23 +61,6 @@ def losses_by_step(out_dir: Path) -> dict[int, list[float]]:
 
 def events(out_dir: Path, tag: str) -> list[dict]:
     return [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if r.get("event") == tag]
-
-
-def child_env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-
-
-def run_cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -m tsvd.cli ARGS`` in its own process group (killed whole on timeout)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tsvd.cli", *args], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,3 +118,61 @@ def test_trainer_logs_repairs(tiny_config, sloppy_cholesky):
     assert "layers.0.attn.q.U" in logged[0]["message"] and "Householder" in logged[0]["message"]
     for p in trainer.engine.retractor.factors().values():
         assert float(orthonormality_error(p)) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts (Ctrl-C): a checkpoint is only ever taken at a step boundary
+
+
+def test_interrupt_checkpoints_only_at_a_step_boundary(tiny_config, tmp_path, monkeypatch):
+    """Ctrl-C inside a step (here: right after the optimizer update) must not publish that half-done
+    state; the first Ctrl-C is deferred to the end of the step, which is then checkpointed. Either way
+    the resumed run reproduces the uninterrupted one bitwise."""
+    over = (*FAST, "train.steps=8", "train.checkpoint_interval=4", "train.eval_interval=100", "train.log_interval=1")
+    full = Trainer(tiny_config(*over, f"out_dir={tmp_path}/full"), progress=False)
+    reference = full.fit().train_losses
+    full.close()
+
+    cut = tiny_config(*over, f"out_dir={tmp_path}/cut")
+    first = Trainer(cut, progress=False)
+    real_step = first.engine.train_step
+
+    def update_then_interrupt(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if first.step == 6:  # inside step 7: updated, not yet counted
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(first.engine, "train_step", update_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    first.close()
+    assert ckpt.latest_checkpoint(first.ckpt_root).name == "step-00000004"
+
+    second = Trainer(tiny_config(*over, f"out_dir={tmp_path}/cut"), progress=False)
+    assert second.step == 4
+    real_step2 = second.engine.train_step
+
+    def sigint_inside_step(*args, **kwargs):
+        if second.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C: deferred to the end of step 6
+        return real_step2(*args, **kwargs)
+
+    monkeypatch.setattr(second.engine, "train_step", sigint_inside_step)
+    with pytest.raises(KeyboardInterrupt):
+        second.fit()
+    second.close()
+    assert second.step == 6 and ckpt.latest_checkpoint(second.ckpt_root).name == "step-00000006"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    third = Trainer(tiny_config(*over, f"out_dir={tmp_path}/cut"), progress=False)
+    assert third.step == 6
+    tail = third.fit().train_losses
+    third.close()
+    assert reference == reference[:4] + [*losses_of(second, 4, 6)] + tail
+
+
+def losses_of(trainer: Trainer, start: int, stop: int) -> list[float]:
+    """Losses of steps ``start+1..stop`` as logged to metrics.jsonl by ``trainer``'s out_dir (the last entry per step)."""
+    logged = losses_by_step(trainer.out_dir)
+    return [logged[s][-1] for s in range(start + 1, stop + 1)]

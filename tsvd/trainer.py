@@ -9,6 +9,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,29 @@ from tsvd.spectral import SpectralModule
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is usable."""
+
+
+class _DeferredInterrupt:
+    """While installed (single process, main thread), the first Ctrl-C (SIGINT) only sets ``requested``:
+    the loop finishes the current step and stops at its end with a checkpoint. A second Ctrl-C interrupts
+    at once (no checkpoint if that is inside a step). ``restore()`` puts the previous handler back."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.requested, self.previous = False, None
+        if enabled and threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: stopping after this step (Ctrl-C again to stop at once)")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 @dataclass
@@ -152,8 +177,13 @@ class Trainer:
         tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         bad_steps, t_start, steps_run = 0, time.perf_counter(), 0
+        at_boundary = True  # model, optimizer and sampler are exactly "after step self.step"
+        deferred = _DeferredInterrupt(enabled=self.engine.world_size == 1)
         try:
             while self.step < last:
+                if deferred.requested:
+                    raise KeyboardInterrupt
+                at_boundary = False
                 step = self.step
                 log_now = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
                 due = self.controller is not None and self.controller.due(step + 1)
@@ -172,6 +202,7 @@ class Trainer:
                     if bad_steps >= t.max_bad_steps:
                         raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {self.step}; "
                                             f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
+                    at_boundary = True
                     continue
                 bad_steps = 0
                 if result.retraction.repaired:
@@ -187,17 +218,33 @@ class Trainer:
                     summary.val_loss = self._validate()
                 if self.step % t.checkpoint_interval == 0 or self.step == t.steps:
                     summary.checkpoint = str(self.save())
+                at_boundary = True
         except KeyboardInterrupt:
-            if self.engine.is_main:
-                bar.write(f"interrupted at step {self.step}: saving a checkpoint")
-            self.save()
+            self._save_on_interrupt(at_boundary, bar)
             raise
         finally:
+            deferred.restore()
             bar.close()
         summary.step = self.step
         elapsed = time.perf_counter() - t_start
         summary.tokens_per_s = steps_run * tokens_per_step / elapsed if elapsed > 0 else 0.0
         return summary
+
+    def _save_on_interrupt(self, at_boundary: bool, bar) -> None:
+        """Checkpoint an interrupted run, but only at a step boundary: a state caught inside a step (an
+        optimizer update applied but not yet retracted or counted, the sampler already advanced) would not
+        resume exactly. Multi-process runs never save here (the ranks may stand at different points, and a
+        checkpoint is collective); they resume from the last periodic checkpoint."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if not at_boundary or self.engine.world_size > 1:
+            if self.engine.is_main:
+                bar.write(f"interrupted in the middle of a step: not saving; the last checkpoint is {latest}")
+            return
+        if latest is not None and latest.name == ckpt.step_dir_name(self.step):
+            return  # already saved at this step
+        if self.engine.is_main:
+            bar.write(f"interrupted at step {self.step}: saving a checkpoint")
+        self.save()
 
     def _sketch(self, due: bool):
         if not due or self.cfg.rank.grow_directions != "gradient":

@@ -176,3 +176,79 @@ def losses_of(trainer: Trainer, start: int, stop: int) -> list[float]:
     """Losses of steps ``start+1..stop`` as logged to metrics.jsonl by ``trainer``'s out_dir (the last entry per step)."""
     logged = losses_by_step(trainer.out_dir)
     return [logged[s][-1] for s in range(start + 1, stop + 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# Numeric guards
+
+
+def poison_s_in_updates(optimizer: torch.optim.Optimizer, core: torch.nn.Parameter):
+    """From now on every optimizer update leaves ``core[0] = inf`` (an overflowing update)."""
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: core.data.__setitem__(0, math.inf))
+
+
+def test_non_finite_s_after_the_update_is_not_accepted(tiny_config):
+    cfg = tiny_config(*FAST, "train.steps=4", "train.log_interval=1", "train.eval_interval=100")
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit(stop_at=2)
+    opt = trainer.engine.optimizer
+    cores = [m.s for m in trainer.model.modules() if isinstance(m, tsvd.SpectralModule)]
+    target = trainer.model.layers[0].mlp.up.s
+    before = [c.detach().clone() for c in cores]
+    state_before = [{k: v.clone() for k, v in opt.state[c].items()} for c in cores]
+    factors_before = {n: p.detach().clone() for n, p in spectral_factors(trainer.model).items()}
+
+    handle = poison_s_in_updates(opt, target)
+    trainer.fit(stop_at=3)
+    handle.remove()
+    for c, b, st in zip(cores, before, state_before):  # every s and its Adam state as before the step
+        assert torch.equal(c, b)
+        assert all(torch.equal(opt.state[c][k], v) for k, v in st.items())
+    for name, p in spectral_factors(trainer.model).items():  # the factors took their step, retracted
+        assert not torch.equal(p, factors_before[name]) and float(orthonormality_error(p)) <= 1e-5, name
+    bad = events(cfg.out_dir, "bad_step")
+    assert [e["step"] for e in bad] == [3]
+    assert "non-finite s after the update in layers.0.mlp.up" in bad[0]["message"]
+
+    summary = trainer.fit()  # the next step is normal again
+    trainer.close()
+    assert summary.step == 4 and math.isfinite(summary.train_losses[-1])
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+
+
+def test_consecutive_bad_steps_stop_the_cli_with_exit_1(tmp_path, monkeypatch, capsys):
+    """``tsvd train``: three bad steps in a row (non-finite ``s`` from the update) stop the run with one
+    line on stderr and exit code 1; the last checkpoint (before the trouble) resumes cleanly."""
+    config = write_config(tmp_path / "run.yaml", tiny_raw(tmp_path), *FAST, "train.steps=20",
+                          "train.checkpoint_interval=5", "train.eval_interval=100", "train.max_bad_steps=3")
+    real_step, calls = torch_engine.TorchEngine.train_step, []
+
+    def train_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 7:
+            return real_step(self, *args, **kwargs)
+        handle = poison_s_in_updates(self.optimizer, self.model.layers[1].attn.v.s)
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(torch_engine.TorchEngine, "train_step", train_step)
+    assert main(["train", str(config), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    root = tmp_path / "run" / "checkpoints"
+    assert err == [f"tsvd: training stopped: 3 consecutive non-finite steps at step 9; stopping. "
+                   f"Last good checkpoint: {root / 'step-00000005'}"]
+    assert ckpt.latest_checkpoint(root).name == "step-00000005"
+    assert len(events(tmp_path / "run", "bad_step")) == 3
+
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config_from(config), progress=False)
+    assert resumed.step == 5 and all(bool(torch.isfinite(p).all()) for p in resumed.model.parameters())
+    resumed.close()
+
+
+def tiny_config_from(path: Path):
+    from tsvd.config import load_config
+
+    return load_config(path)

@@ -197,8 +197,8 @@ class Trainer:
                 summary.train_losses.append(result.loss)
                 if result.skipped:
                     bad_steps += 1
-                    self.metrics.text(self.step, "bad_step", f"non-finite loss {result.loss} or grad norm "
-                                      f"{result.grad_norm}: step skipped ({bad_steps} in a row)")
+                    why = result.reason or f"non-finite loss {result.loss} or grad norm {result.grad_norm}: step skipped"
+                    self.metrics.text(self.step, "bad_step", f"{why} ({bad_steps} in a row)")
                     if bad_steps >= t.max_bad_steps:
                         raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {self.step}; "
                                             f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")

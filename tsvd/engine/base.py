@@ -28,8 +28,9 @@ Batch = tuple[Tensor, Tensor]  # (inputs (B,T), targets (B,T)), int64
 class StepResult:
     loss: float  # mean loss over the global batch (all micro-batches, all ranks)
     grad_norm: float  # global gradient norm before clipping
-    skipped: bool  # non-finite loss or gradient: no update was applied
+    skipped: bool  # a bad step: non-finite loss or gradient (no update applied), or non-finite s (see reason)
     retraction: RetractionReport
+    reason: str = ""  # why a step was skipped, when not the loss or gradient
 
 
 class Engine(ABC):

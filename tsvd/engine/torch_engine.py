@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
+from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor
 from tsvd.sketch import GradientSketch
@@ -95,10 +97,34 @@ class TorchEngine(Engine):
                     "client_state": client_state}, Path(path) / STATE_FILE)
 
     def load(self, path: Path) -> dict:
-        state = torch.load(Path(path) / STATE_FILE, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["client_state"]
+        """Restore a checkpoint written by ``save``. The file is read with ``weights_only=True``: tensors and
+        plain containers only, so a hostile file cannot run code; any unreadable, refused or mismatching
+        file is a ``UserError`` naming it."""
+        file = Path(path) / STATE_FILE
+        if not file.is_file():
+            raise UserError(f"{path}: no {STATE_FILE} (not a checkpoint of the torch engine, or incomplete)")
+        try:
+            state = torch.load(file, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{file}: refused: it holds objects other than tensors and plain containers, which "
+                            f"tsvd never writes ({_unpickler_reason(e)}); not loaded") from None
+        except Exception as e:  # truncated or not a torch file at all
+            raise UserError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            return state["client_state"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{file}: does not fit this model and optimizer ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The one informative line of torch's ``weights_only`` refusal (e.g. "Unsupported global: GLOBAL io.open")."""
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return "weights_only=True"
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:

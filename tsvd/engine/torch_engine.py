@@ -24,9 +24,17 @@ STATE_FILE = "engine_state.pt"
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a ``torch.device``; a name torch does not know, or a device this machine does
+    not have, is a ``UserError``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # unknown name; "Torch not compiled with CUDA enabled"
+        raise UserError(f"train.device: {name!r} is not usable here ({str(e).splitlines()[0]}); "
+                        "use cpu, cuda, cuda:N or auto") from None
+    return device
 
 
 class TorchEngine(Engine):
@@ -115,8 +123,8 @@ class TorchEngine(Engine):
             self.optimizer.load_state_dict(state["optimizer"])
             return state["client_state"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"{file}: does not fit this model and optimizer ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())
+            raise UserError(f"{file}: does not fit this model and optimizer ({type(e).__name__}: {detail})") from None
 
 
 def _unpickler_reason(e: Exception) -> str:

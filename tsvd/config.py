@@ -286,7 +286,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -83,6 +83,9 @@ def spectralize(
 
     chosen = [(n, m) for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and _matches(n, targets) and not _matches(n, exclude)]
+    if any(name == "" for name, _ in chosen):
+        raise UserError("spectralize: the model itself is an nn.Linear and cannot be replaced in place; "
+                        "use SpectralLinear.from_linear(layer, ...) instead")
     report: list[LayerReport] = []
     for name, lin in chosen:
         out_f, in_f = lin.weight.shape

@@ -1,0 +1,201 @@
+"""spectralize / densify on arbitrary modules.
+
+Tolerances: a full-energy conversion stores the float64 SVD of each fp32 weight as fp32 factors, so
+each layer reproduces its weight to a few ulp (~1e-7 relative); through two small layers and a GELU
+the outputs (O(1)) agree to ~1e-6. 1e-5 leaves headroom; a dropped direction costs O(1e-2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from tsvd import SpectralLinear, UserError, spectralize
+from tsvd.convert import LayerReport, densify, format_report
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These are tiny ops: one thread is as fast, deterministic, and immune to OpenMP oversubscription
+    when the 2-core machine is shared (two spinning threads per process made them ~50× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, ffn: int, device=None) -> None:
+        super().__init__()
+        self.attn = nn.ModuleDict({"q": nn.Linear(d, d, device=device), "k": nn.Linear(d, d, bias=False, device=device)})
+        self.mlp = nn.Sequential(nn.Linear(d, ffn, device=device), nn.GELU(), nn.Linear(ffn, d, device=device))
+        self.norm = nn.LayerNorm(d, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn["q"](x) * torch.sigmoid(self.attn["k"](x))
+        return x + self.mlp(self.norm(x))
+
+
+def make_model(d: int = 12, ffn: int = 20, seed: int = 0, device=None) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(Block(d, ffn, device), Block(d, ffn, device))
+
+
+ALL = ["0.attn.q", "0.attn.k", "0.mlp.0", "0.mlp.2", "1.attn.q", "1.attn.k", "1.mlp.0", "1.mlp.2"]
+
+
+def kinds(model: nn.Module) -> dict[str, str]:
+    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, SpectralLinear))}
+
+
+def test_targets_and_exclude_globs():
+    model = make_model()
+    report = spectralize(model, targets="*.mlp.*", exclude=["1.*"], rank=3)
+    assert [r.name for r in report] == ["0.mlp.0", "0.mlp.2"]
+    k = kinds(model)
+    assert k["0.mlp.0"] == k["0.mlp.2"] == "SpectralLinear"
+    assert all(k[n] == "Linear" for n in ALL if n not in ("0.mlp.0", "0.mlp.2"))
+    # several patterns, a second call on the rest
+    report = spectralize(model, targets=["*.attn.q", "1.mlp.2"], rank=2)
+    assert [r.name for r in report] == ["0.attn.q", "1.attn.q", "1.mlp.2"]
+
+
+def test_report_contents():
+    model = make_model(seed=1)
+    weights = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = spectralize(model, rank=4)
+    assert [r.name for r in report] == ALL
+    for r in report:
+        W = weights[r.name]
+        assert (r.out_features, r.in_features) == tuple(W.shape)
+        assert r.rank == 4
+        S = torch.linalg.svdvals(W)
+        assert r.retained_energy == pytest.approx(float(S[:4].square().sum() / S.square().sum()), rel=1e-5)
+        assert r.dense_params == W.numel() and r.spectral_params == 4 * (sum(W.shape) + 1)
+        assert r.compression == pytest.approx(W.numel() / (4 * (sum(W.shape) + 1)))
+        assert model.get_submodule(r.name).rank == 4
+    text = format_report(report)
+    assert all(name in text for name in ALL) and "total" in text
+    assert f"{report[2].compression:.1f}x" in text
+
+
+def test_rank_is_capped_at_layer_size():
+    model = make_model()
+    report = spectralize(model, rank=1000)
+    assert {r.name: r.rank for r in report} == {n: 12 for n in ALL}  # min(in, out) = d = 12
+    assert all(r.retained_energy == pytest.approx(1.0, rel=1e-6) for r in report)  # fp32 s vs fp64 ‖W‖²
+
+
+def test_full_energy_conversion_preserves_outputs():
+    model = make_model(seed=2)
+    x = torch.randn(3, 7, 12)
+    y0 = model(x).detach()
+    report = spectralize(model, energy=1.0)
+    assert all(isinstance(model.get_submodule(n), SpectralLinear) for n in ALL)
+    assert all(r.retained_energy == pytest.approx(1.0, rel=1e-6) for r in report)  # fp32 s vs fp64 ‖W‖²
+    torch.testing.assert_close(model(x).detach(), y0, rtol=TOL, atol=TOL)
+
+
+def test_energy_threshold_gives_minimal_ranks():
+    model = make_model(seed=3)
+    weights = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = spectralize(model, energy=0.8)
+    for r in report:
+        S2 = torch.linalg.svdvals(weights[r.name].double()).square()
+        cum = S2.cumsum(0) / S2.sum()
+        assert r.retained_energy >= 0.8 and r.retained_energy == pytest.approx(float(cum[r.rank - 1]), rel=1e-6)
+        assert r.rank == 1 or float(cum[r.rank - 2]) < 0.8
+        assert r.rank < 12  # 80% of a random 12-dim spectrum never needs every direction
+
+
+@pytest.mark.parametrize("init", ["sct", "scaled"])
+def test_fresh_init(init):
+    model = make_model()
+    report = spectralize(model, targets="*.mlp.*", rank=5, init=init)
+    assert all(r.rank == 5 and r.retained_energy == 1.0 for r in report)
+    layer = model.get_submodule("0.mlp.0")
+    if init == "sct":
+        assert torch.equal(layer.s.detach(), torch.ones(5))
+
+
+def test_meta_model_sizing_allocates_nothing():
+    class Tracer(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.devices: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.devices += [t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    d, ffn, r = 8192, 28672, 32
+    model = make_model(d, ffn, device="meta")
+    with Tracer() as tracer:
+        report = spectralize(model, rank=r)
+    assert len(tracer.devices) >= 3 * len(ALL)  # the tracer sees the factor allocations ...
+    assert set(tracer.devices) == {"meta"}  # ... and every one of them is on meta
+    params = {n: p for n, p in model.named_parameters()}
+    assert all(p.device.type == "meta" for p in params.values())
+    expected = sum(r * (i + o + 1) for i, o in [(d, d)] * 4 + [(d, ffn), (ffn, d)] * 2)
+    assert sum(rep.spectral_params for rep in report) == expected
+    spectral = sum(p.numel() for n, p in params.items() if n.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    assert spectral == expected
+    with pytest.raises(UserError, match="meta device; energy= needs real weights"):
+        spectralize(make_model(16, 32, device="meta"), energy=0.9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(targets="*.nothing", rank=2), "no nn.Linear matches"),
+        (dict(exclude="*", rank=2), "no nn.Linear matches"),
+        (dict(rank=2, energy=0.9), "exactly one of rank= or energy="),
+        (dict(), "exactly one of rank= or energy="),
+        (dict(energy=1.5), r"energy must be a number in \(0, 1\]"),
+        (dict(energy=0.0), r"energy must be a number in \(0, 1\]"),
+        (dict(energy=0.9, init="sct"), "cannot be combined with init="),
+        (dict(rank=2, init="xavier"), "init must be one of"),
+        (dict(rank=0), "rank=0 is impossible"),
+        (dict(rank=0, init="sct"), "rank for 0.attn.q=0 is impossible"),
+    ],
+)
+def test_bad_arguments_raise_user_error(kwargs, message):
+    model = make_model()
+    with pytest.raises(UserError, match=message):
+        spectralize(model, **kwargs)
+
+
+def test_root_linear_is_a_user_error_not_a_silent_no_op():
+    lin = nn.Linear(8, 6)
+    with pytest.raises(UserError, match="cannot be replaced in place"):
+        spectralize(lin, rank=2)
+    assert dict(lin.named_children()) == {}
+
+
+def test_densify_round_trip():
+    model = make_model(seed=4)
+    x = torch.randn(2, 5, 12)
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    y0 = model(x).detach()
+    spectralize(model, energy=1.0)
+    assert densify(model) == len(ALL)
+    assert set(kinds(model).values()) == {"Linear"}
+    for n, W in weights.items():
+        torch.testing.assert_close(model.get_submodule(n).weight.detach(), W, rtol=0, atol=TOL)
+    torch.testing.assert_close(model(x).detach(), y0, rtol=TOL, atol=TOL)
+    assert model.get_submodule("0.attn.k").bias is None
+    assert densify(model) == 0
+
+
+def test_layer_report_arithmetic():
+    r = LayerReport("x", in_features=8192, out_features=28672, rank=32, retained_energy=1.0)
+    assert r.dense_params == 8192 * 28672 and r.spectral_params == 32 * (8192 + 28672 + 1)
+    assert math.isclose(r.compression, r.dense_params / r.spectral_params)

@@ -70,7 +70,11 @@ def sketch_svd(Y: Tensor, Z: Tensor, psi: Tensor, U: Tensor, V: Tensor) -> tuple
     """Top singular triplets of ``A = (I − UUᵀ) G (I − VVᵀ)`` from its sketches ``Y = GΩ`` (``m×ℓ``) and
     ``Z = GᵀΨ`` (``n×ℓ'``, ``Ψ = psi ⊥ U``): returns ``u (m×ℓ)``, ``σ (ℓ)`` descending, ``v (n×ℓ)``."""
     Q, _ = orthonormalize(project_out(Y, U))
-    core = torch.linalg.lstsq(psi.mT @ Q, project_out(Z, V).mT).solution  # (ℓ'×ℓ) C = (ℓ'×n) → C: ℓ×n
+    A = psi.mT @ Q
+    # CPU: gelsd (SVD-based), not the default gelsy, whose result depends on the operands' memory
+    # alignment (MKL) — which made growth directions, and so resumed runs, differ between processes.
+    driver = "gelsd" if A.device.type == "cpu" else None
+    core = torch.linalg.lstsq(A, project_out(Z, V).mT, driver=driver).solution  # (ℓ'×ℓ) C = (ℓ'×n) → C: ℓ×n
     P, Rt = householder_qr(core.mT)  # C = Rtᵀ Pᵀ: the SVD of the wide C via that of an ℓ×ℓ (10-100× faster)
     W, sigma, Xh = torch.linalg.svd(Rt.mT)
     return Q @ W, sigma, P @ Xh.mT

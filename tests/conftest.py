@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,15 @@ import torch
 
 from tsvd.config import Config, apply_overrides, config_from_dict
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use small tensors: one thread is as fast, deterministic, and immune to OpenMP
+    oversubscription on a shared 2-core machine (two spinning threads per process made tests ~50×
+    slower there). Restored before every test because the trainer sets its own thread count."""
+    torch.set_num_threads(1)
+    yield
 
 
 def tiny_raw(tmp_path: Path) -> dict:
@@ -23,7 +30,7 @@ def tiny_raw(tmp_path: Path) -> dict:
         "data": {"dir": str(tmp_path / "data"), "corpus": ["stdlib"], "tokenizer": "byte", "max_bytes": 300_000},
         "train": {"steps": 30, "batch_size": 4, "seq_len": 32, "lr": 2e-2, "spectral_lr": 2e-2, "core_lr": 2e-2,
                   "warmup_steps": 3, "eval_interval": 15, "eval_batches": 2, "log_interval": 5,
-                  "checkpoint_interval": 10},
+                  "checkpoint_interval": 10, "threads": 1},
     }
 
 

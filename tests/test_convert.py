@@ -21,16 +21,6 @@ from tsvd.convert import LayerReport, densify, format_report
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny ops: one thread is as fast, deterministic, and immune to OpenMP oversubscription
-    when the 2-core machine is shared (two spinning threads per process made them ~50× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     def __init__(self, d: int, ffn: int, device=None) -> None:
         super().__init__()

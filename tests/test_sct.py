@@ -21,16 +21,6 @@ from tsvd.stiefel import orthonormality_error
 BYTES_PER_PARAM = 16  # fp32 weight + grad + Adam exp_avg + exp_avg_sq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny ops: one thread is as fast, deterministic, and immune to OpenMP oversubscription
-    when the 2-core machine is shared (two spinning threads per process made them ~50× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spectral_param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

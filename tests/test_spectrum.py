@@ -25,16 +25,6 @@ REL = 1e-12
 S = torch.tensor([3.0, -4.0, 0.0, 1.0])  # unsorted, one negative, one zero: energies 9, 16, 0, 1 → 26
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny ops: one thread is as fast, deterministic, and immune to OpenMP oversubscription
-    when the 2-core machine is shared (two spinning threads per process made them ~50× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_energy_and_sorted_energy():
     assert energy(S) == 26.0
     assert sorted_energy(S).tolist() == [16.0, 9.0, 1.0, 0.0]

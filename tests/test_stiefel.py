@@ -36,16 +36,6 @@ PROPS = settings(derandomize=True, max_examples=40, deadline=None, database=None
 LRS = [0.0, 1e-4, 1e-3, 1e-2, 3e-2, 5e-2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These are tiny ops: one thread is as fast, deterministic, and immune to OpenMP oversubscription
-    when the 2-core machine is shared (two spinning threads per process made them ~50× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @st.composite
 def perturbed_orthonormal(draw) -> tuple[torch.Tensor, float]:
     """``Q0 + lr·sign(noise)`` for a random orthonormal ``Q0`` of shape ``(m, r)`` or ``(B, m, r)``."""

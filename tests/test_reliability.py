@@ -322,3 +322,74 @@ def test_every_torch_load_in_the_package_is_weights_only():
                 offenders.append(f"{where}: {ast.unparse(node)}")
     assert loads >= 3  # torch engine, DeepSpeed loader, HF export: the scan does see them
     assert offenders == []
+
+
+# --------------------------------------------------------------------------------------------
+# Exact resume after SIGKILL
+
+
+ADAPTIVE = (*FAST, "train.steps=16", "train.grad_accum=2", "train.log_interval=1", "train.checkpoint_interval=5",
+            "train.eval_interval=8", "rank.policy=energy", "rank.warmup_steps=3", "rank.interval=3", "rank.energy=0.9")
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """``python -m tsvd.cli train`` with the energy rank policy (ranks change at steps 3, 9, 12 and 15:
+    growth from the sketched gradient and shrinking) is killed with SIGKILL inside step 13; the last
+    checkpoint is step 10. ``tsvd train`` again resumes there and every logged loss, validation loss,
+    rank change and the final parameters equal the uninterrupted run's, bitwise."""
+    # The reference runs in a child too: same environment (OMP_NUM_THREADS=1 also single-threads LAPACK,
+    # which the gradient sketch uses; this test process may use more threads there).
+    ref_config = write_config(tmp_path / "ref.yaml", tiny_raw(tmp_path), *ADAPTIVE, f"out_dir={tmp_path}/ref")
+    proc = run_cli(["train", str(ref_config), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses = {step: v[0] for step, v in losses_by_step(tmp_path / "ref").items()}
+    ref_changes = events(tmp_path / "ref", "rank_change")
+    change_steps = sorted({e["step"] for e in ref_changes})
+    assert any(s < 10 for s in change_steps) and any(10 < s < 13 for s in change_steps), change_steps
+
+    config = write_config(tmp_path / "cut.yaml", tiny_raw(tmp_path), *ADAPTIVE, f"out_dir={tmp_path}/cut")
+    kill_when_blocked(["train", str(config), "--no-progress"], "step:13", tmp_path)
+    root = tmp_path / "cut" / "checkpoints"
+    latest = ckpt.latest_checkpoint(root)
+    assert latest.name == "step-00000010"
+    client = torch.load(latest / torch_engine.STATE_FILE, weights_only=True)["client_state"]
+    assert client["sampler"]["step"] == 20  # two micro-batches per step: the data position is saved
+    assert set(ckpt.read_meta(latest)["ranks"].values()) != {8}  # saved after rank changes (all started at 8)
+
+    proc = run_cli(["train", str(config), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    logged = losses_by_step(tmp_path / "cut")
+    assert sorted(logged) == sorted(ref_losses)
+    for step, values in logged.items():  # steps 11–12 were logged twice: before the kill and after resuming
+        assert values == [ref_losses[step]] * len(values), step
+    assert [len(logged[s]) for s in (10, 11, 12, 13)] == [1, 2, 2, 1]
+    # rank changes: the killed run logged those of steps 3–12, the resumed run replayed 12 and went on
+    before_kill = [e for e in ref_changes if e["step"] <= 12]
+    after_resume = [e for e in ref_changes if e["step"] > 10]
+    assert events(tmp_path / "cut", "rank_change") == before_kill + after_resume
+    assert val_losses(tmp_path / "cut") == val_losses(tmp_path / "ref")
+
+    final = [torch.load(d / "checkpoints" / "step-00000016" / torch_engine.STATE_FILE, weights_only=True)
+             for d in (tmp_path / "ref", tmp_path / "cut")]
+    assert_bitwise_equal(final[0], final[1])  # parameters, Adam moments and steps, sampler, controller
+
+
+def val_losses(out_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val/loss"]) for r in read_jsonl(out_dir / "metrics.jsonl") if "val/loss" in r]
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values: same structure, same bits."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where

@@ -1,0 +1,74 @@
+"""What the DeepSpeed engine tests and their worker share: a tiny spectral model, its config, its data.
+
+The model is the real ``tsvd.model`` decoder at toy size. Its factor shapes are chosen so that
+several have an odd element count (ffn 35 × rank 5, vocab 37 × rank 7): ZeRO-3 must pad those when
+it partitions them over two ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tsvd.config import Config, ModelConfig, SpectralConfig
+from tsvd.model import build_model
+from tsvd.optim import lr_multiplier as schedule
+
+VOCAB, DIM, FFN, SEQ = 37, 24, 35, 8
+BATCH, GRAD_ACCUM = 4, 2  # global rows per micro-batch, micro-batches per step
+SHRUNK = "layers.0.mlp.up"  # the layer the rank-change test shrinks (apply_rank_change)
+GROWN = "layers.0.mlp.gate"  # the layer it grows (apply_rank_plan)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """A one-block spectral decoder; ``model.poison = True`` makes this process's loss infinite (to test
+    that a non-finite loss on one rank skips the step on all)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=FFN, max_seq_len=16,
+                      tie_embeddings=False,
+                      spectral=SpectralConfig(targets=["q", "k", "v", "o", "gate", "up", "down", "lm_head"], rank=5,
+                                              rank_overrides={"lm_head": 7}))
+    model = build_model(cfg)
+    model.poison = False
+    model.register_forward_hook(lambda m, args, out: (out[0], out[1] * math.inf) if m.poison else out)
+    return model
+
+
+def make_config(ds_config: str | None = None, dtype: str = "float32") -> Config:
+    cfg = Config()
+    t = cfg.train
+    t.batch_size, t.seq_len, t.grad_accum, t.steps, t.warmup_steps = BATCH, SEQ, GRAD_ACCUM, 20, 2
+    t.lr = t.spectral_lr = t.core_lr = 1e-2
+    t.grad_clip, t.threads, t.dtype = 1.0, 1, dtype
+    if ds_config is not None:
+        cfg.engine.kind, cfg.engine.deepspeed_config, cfg.engine.timeout_s = "deepspeed", ds_config, 60
+    return cfg
+
+
+def batches(step: int, cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global micro-batches of ``step``: sequences of x ↦ 3x + 1 mod VOCAB from random starts."""
+    out = []
+    for i in range(cfg.train.grad_accum):
+        g = torch.Generator().manual_seed(1000 * step + i)
+        x = torch.randint(VOCAB, (cfg.train.batch_size, 1), generator=g)
+        seq = [x]
+        for _ in range(cfg.train.seq_len):
+            seq.append((3 * seq[-1] + 1) % VOCAB)
+        seq = torch.cat(seq, dim=1)
+        out.append((seq[:, :-1], seq[:, 1:]))
+    return out
+
+
+def lr_multiplier(step: int) -> float:
+    return schedule(step, make_config().train)
+
+
+def broadcast_list(engine, value: list | None) -> list:
+    """Rank 0's ``value`` on every rank."""
+    import deepspeed.comm as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]

@@ -1,0 +1,140 @@
+"""Worker for tests/test_deepspeed_engine.py: one rank of a short DeepSpeedEngine run.
+
+Run by the real launcher (``deepspeed --num_gpus 2 tests/ds_worker.py SPEC.json``) or, for one
+process, by plain ``python``. The spec (JSON) says what to do; every rank records what it saw after
+each step — loss, grad norm, skip flag, lr, Adam step, orthonormality of the working factors and of
+the fp32 master, a hash of all parameters — and rank 0 writes all ranks' records to ``spec["out"]``.
+Nothing is asserted here: a failed check on one rank must not leave the other hanging in a
+collective; the test asserts on the written records.
+
+Spec keys: ``ds_config`` (path), ``steps``, ``start`` (first step index), ``save_at`` (step index
+after which to save, into ``save_dir``), ``resume`` (checkpoint directory to load first), ``poison``
+(step whose loss rank ``world−1`` turns infinite), ``rank_change`` (shrink a layer after the last
+step and train one more), ``dtype``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ds_common  # noqa: E402  (sibling module, importable when run as a script)
+
+
+def param_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def factor_errors(engine) -> dict[str, float]:
+    """Max orthonormality error of the working factors and of the fp32 master (ZeRO 1–3), collective."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from tsvd.retraction import spectral_factors
+    from tsvd.stiefel import orthonormality_error
+
+    factors = spectral_factors(engine.model)
+    work, master, mismatch = 0.0, 0.0, 0.0
+    with deepspeed.zero.GatheredParameters(list(factors.values()), modifier_rank=None, enabled=engine.stage == 3):
+        for p in factors.values():
+            work = max(work, float(orthonormality_error(p.data)))
+            if engine.stage > 0:
+                m = safe_get_full_fp32_param(p).reshape(p.shape)
+                master = max(master, float(orthonormality_error(m)))
+                mismatch = max(mismatch, float((m - p.data).abs().max()))
+    return {"work": work, "master": master, "master_vs_work": mismatch}
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import deepspeed.comm as dist
+
+    from tsvd.engine.deepspeed_engine import DeepSpeedEngine
+
+    cfg = ds_common.make_config(spec["ds_config"], spec.get("dtype", "float32"))
+    model = ds_common.tiny_model()
+    engine = DeepSpeedEngine(cfg, model)
+    records: list[dict] = []
+    if spec.get("resume"):
+        client = engine.load(Path(spec["resume"]))
+        records.append({"event": "resumed", "client_state": client})
+    for step in range(spec.get("start", 0), spec["steps"]):
+        engine.model.poison = step == spec.get("poison") and engine.rank == engine.world_size - 1
+        res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
+        records.append(step_record(engine, step, res))
+        if step == spec.get("save_at"):
+            engine.save(Path(spec["save_dir"]), {"step": step + 1, "ranks": {ds_common.SHRUNK: 5}})
+    engine.model.poison = False
+    if spec.get("rank_change"):
+        records.append(rank_change_record(engine))
+        records.append(rank_plan_record(engine, cfg, spec["steps"]))
+        step = spec["steps"]
+        res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
+        records.append(step_record(engine, step, res))
+    records.append({"event": "spectra", "spectra": {n: s.tolist() for n, s in engine.spectra().items()}})
+    everyone = [None] * engine.world_size
+    dist.all_gather_object(everyone, records)
+    if engine.rank == 0:
+        Path(spec["out"]).write_text(json.dumps({"world_size": engine.world_size, "ranks": everyone}))
+    engine.barrier()
+
+
+def step_record(engine, step: int, res) -> dict:
+    state = engine.gather_training_state()
+    return {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped,
+            "retracted": len(res.retraction.retracted), "lrs": state.lrs, "adam_step": state.adam_step,
+            "counters": state.counters, "ortho": factor_errors(engine), "hash": param_hash(state.params),
+            "moments_hash": param_hash({f"{n}.{k}": t for n, m in state.moments.items() for k, t in m.items()})}
+
+
+def rank_change_record(engine) -> dict:
+    """Shrink one layer from rank 5 to 3 (kept columns keep their moments) and report what survived."""
+    before = engine.gather_training_state()
+    kept: dict[str, list[int]] = {}
+    resized = [f"{ds_common.SHRUNK}.{f}" for f in ("U", "V", "s")]
+
+    def surgery(model, optimizer_state):
+        idx = model.get_submodule(ds_common.SHRUNK).truncate_(3)
+        kept["idx"] = idx.tolist()
+        for name in resized:
+            for key, value in optimizer_state[name].items():
+                optimizer_state[name][key] = value.index_select(-1, idx).contiguous()
+
+    root = engine.model
+    engine.apply_rank_change(surgery)
+    after = engine.gather_training_state()
+    idx = torch.tensor(ds_common.broadcast_list(engine, kept.get("idx")))
+    expected = {n: {k: (t.index_select(-1, idx) if n in resized else t) for k, t in m.items()}
+                for n, m in before.moments.items()}
+    moments_ok = all(torch.equal(after.moments[n][k], expected[n][k]) for n in expected for k in expected[n])
+    params_ok = all(torch.equal(after.params[n], t.index_select(-1, idx) if n in resized else t)
+                    for n, t in before.params.items())
+    return {"event": "rank_change", "moments_ok": moments_ok, "params_ok": params_ok, "same_root": engine.model is root,
+            "shape": list(after.params[resized[0]].shape), "adam_step": [before.adam_step, after.adam_step],
+            "lrs": [before.lrs, after.lrs], "counters": [before.counters, after.counters]}
+
+
+def rank_plan_record(engine, cfg, step: int) -> dict:
+    """Grow one layer 5 → 7 through ``apply_rank_plan`` (random directions, ``s = 0``): the loss must not move."""
+    from tsvd.controller import RankPlan
+
+    probe = ds_common.batches(10_000, cfg)
+    before = engine.eval_loss(probe)
+    changes = engine.apply_rank_plan(RankPlan(step=step, ranks={ds_common.GROWN: 7}))
+    after = engine.eval_loss(probe)
+    shape = list(engine.gather_training_state().params[f"{ds_common.GROWN}.U"].shape)
+    return {"event": "rank_plan", "changes": [c.to_dict() for c in changes], "loss": [before, after], "shape": shape}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

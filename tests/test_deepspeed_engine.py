@@ -1,0 +1,316 @@
+"""DeepSpeedEngine on CPU: ZeRO 0–3 through the real ``deepspeed`` launcher, two processes (gloo).
+
+Each ZeRO stage gets two short launches of ``tests/ds_worker.py`` (shared by all tests of that stage):
+a main run — 6 steps with a checkpoint after step 2, a non-finite loss on the last rank at step 4, a
+rank change (one layer 5 → 3) after step 5 and one more step — and a resumed run from the checkpoint.
+Every rank records each step; the tests below assert on the records. The single-process reference is
+``TorchEngine`` in this process, fed the same global batches.
+
+Tolerances. Ranks must agree *bitwise* (hashes of all parameters and Adam moments), and a resumed run
+must reproduce the uninterrupted one bitwise (same processes, same threads, same reduction order).
+Two processes vs one: each rank averages its half of the batch and the halves are averaged by the
+all-reduce, so gradients differ from the one-process mean by rounding (~1e-7 relative); Adam divides
+by √v and six steps amplify that to ~1e-6 in the loss. ``LOSS_RTOL = 1e-4`` leaves two orders of
+magnitude of headroom; a real bug (a wrong lr, a missed retraction, a stale master) moves the loss
+by 1e-3 or more within two steps. Orthonormality: fp32 Cholesky-QR leaves ~5e-7; we require 1e-5.
+
+Hygiene: every launch gets a free port and its own process group (killed whole on timeout), a 60 s
+process-group timeout, ``TORCH_EXTENSIONS_DIR`` in a temporary directory that must stay empty (no
+DeepSpeed JIT build), and ``/dev/shm/deepspeed_*`` files it created are removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ds_common  # noqa: E402
+
+pytest.importorskip("deepspeed")
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ds_worker.py"
+STEPS, SAVE_AT, POISON = 6, 2, 4
+LOSS_RTOL = 1e-4
+ORTHO_TOL = 1e-5
+LAUNCH_TIMEOUT_S = 300
+TIMINGS: dict[str, float] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Launching
+
+
+def shm_files() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_*")) if Path("/dev/shm").is_dir() else set()
+
+
+def launch(name: str, spec: dict, tmp: Path, nproc: int = 2) -> dict:
+    """Run the worker on ``nproc`` ranks (``deepspeed`` launcher; plain ``python`` for 1) and return the
+    records rank 0 wrote. Fails with the log's tail on a non-zero exit or a timeout."""
+    from tsvd.distributed import free_port
+
+    spec = dict(spec, out=str(tmp / f"{name}.json"))
+    spec_file = tmp / f"{name}-spec.json"
+    spec_file.write_text(json.dumps(spec))
+    ext_dir = tmp / "torch_extensions"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), str(spec_file)]
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
+               str(WORKER), str(spec_file)]
+    shm_before, log = shm_files(), tmp / f"{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        finally:
+            for f in shm_files() - shm_before:
+                f.unlink(missing_ok=True)
+    TIMINGS[name] = time.perf_counter() - t0
+    tail = "\n".join(log.read_text().splitlines()[-40:])
+    assert rc is not None, f"{name}: timed out after {LAUNCH_TIMEOUT_S} s\n{tail}"
+    assert rc == 0, f"{name}: exit code {rc}\n{tail}"
+    assert not ext_dir.exists() or not any(ext_dir.iterdir()), f"{name}: DeepSpeed JIT-built an op in {ext_dir}"
+    return json.loads(Path(spec["out"]).read_text())
+
+
+def steps_of(run: dict, rank: int = 0) -> list[dict]:
+    return [r for r in run["ranks"][rank] if "step" in r]
+
+
+def event(run: dict, name: str, rank: int = 0) -> dict:
+    return next(r for r in run["ranks"][rank] if r.get("event") == name)
+
+
+def stage_config(stage: int, tmp: Path) -> str:
+    """The shipped JSON; for ZeRO-3 with ``stage3_param_persistence_threshold: 0`` so that even this
+    toy model's parameters are really partitioned (the odd-size padding path is exercised)."""
+    path = REPO / "configs" / "ds" / f"zero{stage}.json"
+    if stage != 3:
+        return str(path)
+    cfg = json.loads(path.read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    out = tmp / "zero3-partition-all.json"
+    out.write_text(json.dumps(cfg))
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda s: f"zero{s}")
+def stage_runs(request, tmp_path_factory) -> tuple[int, dict, dict]:
+    """(stage, main run, resumed run) — launched once per stage for all tests below."""
+    stage = request.param
+    tmp = tmp_path_factory.mktemp(f"zero{stage}")
+    common = {"ds_config": stage_config(stage, tmp), "steps": STEPS, "poison": POISON}
+    main = launch(f"zero{stage}-main", dict(common, save_at=SAVE_AT, save_dir=str(tmp / "ckpt"), rank_change=True), tmp)
+    resumed = launch(f"zero{stage}-resume", dict(common, resume=str(tmp / "ckpt"), start=SAVE_AT + 1), tmp)
+    return stage, main, resumed
+
+
+@functools.cache
+def reference() -> list[dict]:
+    """``TorchEngine`` (one process) on the same global batches, with the same poisoned step."""
+    from tsvd.engine.torch_engine import TorchEngine
+
+    cfg = ds_common.make_config()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.threads)  # as each worker rank: same kernels, same rounding
+    try:
+        engine = TorchEngine(cfg, ds_common.tiny_model())
+        out = []
+        for step in range(STEPS):
+            engine.model.poison = step == POISON
+            res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
+            out.append({"loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped})
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per stage
+
+
+def test_loss_decreases(stage_runs):
+    _, main, _ = stage_runs
+    losses = [r["loss"] for r in steps_of(main) if not r["skipped"]]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_factors_orthonormal_on_every_rank_after_every_step(stage_runs):
+    stage, main, _ = stage_runs
+    for rank in range(main["world_size"]):
+        for r in steps_of(main, rank):
+            assert r["ortho"]["work"] <= ORTHO_TOL, (rank, r["step"], r["ortho"])
+            if stage > 0:  # the fp32 master the optimizer updates holds the same orthonormal factors
+                assert r["ortho"]["master"] <= ORTHO_TOL, (rank, r["step"], r["ortho"])
+                assert r["ortho"]["master_vs_work"] == 0.0, (rank, r["step"], r["ortho"])
+
+
+def test_ranks_bitwise_identical(stage_runs):
+    _, main, resumed = stage_runs
+    for run in (main, resumed):
+        assert run["world_size"] == 2
+        first, second = steps_of(run, 0), steps_of(run, 1)
+        assert [r["hash"] for r in first] == [r["hash"] for r in second]
+        assert [r["moments_hash"] for r in first] == [r["moments_hash"] for r in second]
+        assert [r["loss"] for r in first] == [r["loss"] for r in second]
+        assert event(run, "spectra", 0) == event(run, "spectra", 1)
+
+
+def test_two_processes_match_one_process_reference(stage_runs):
+    _, main, _ = stage_runs
+    ref = reference()
+    got = steps_of(main)[:STEPS]
+    assert [r["skipped"] for r in got] == [r["skipped"] for r in ref]
+    for g, r in zip(got, ref):
+        if not r["skipped"]:
+            assert math.isclose(g["loss"], r["loss"], rel_tol=LOSS_RTOL), (g["step"], g["loss"], r["loss"])
+            assert math.isclose(g["grad_norm"], r["grad_norm"], rel_tol=1e-3), (g["step"], g["grad_norm"], r["grad_norm"])
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(stage_runs):
+    _, main, _ = stage_runs
+    for rank in range(main["world_size"]):
+        steps = steps_of(main, rank)
+        bad, before = steps[POISON], steps[POISON - 1]
+        assert bad["skipped"] and not math.isfinite(bad["loss"])
+        assert bad["hash"] == before["hash"] and bad["moments_hash"] == before["moments_hash"]
+        assert bad["adam_step"] == before["adam_step"]
+        assert not steps[POISON + 1]["skipped"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(stage_runs):
+    _, main, resumed = stage_runs
+    assert event(resumed, "resumed")["client_state"] == {"step": SAVE_AT + 1, "ranks": {ds_common.SHRUNK: 5}}
+    expected = steps_of(main)[SAVE_AT + 1:STEPS]
+    got = steps_of(resumed)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        for key in ("step", "loss", "grad_norm", "skipped", "lrs", "adam_step", "counters", "hash", "moments_hash"):
+            assert repr(g[key]) == repr(e[key]), (key, g["step"], g[key], e[key])  # repr: nan == nan
+
+
+def test_rank_change_keeps_moments_and_counters_and_growth_keeps_the_loss(stage_runs):
+    _, main, _ = stage_runs
+    for rank in range(main["world_size"]):
+        change = event(main, "rank_change", rank)
+        assert change["moments_ok"] and change["params_ok"] and change["same_root"]
+        assert change["shape"] == [ds_common.DIM, 3]
+        assert change["adam_step"][0] == change["adam_step"][1] > 0
+        assert change["lrs"][0] == change["lrs"][1]
+        assert change["counters"][0] == change["counters"][1]
+        plan = event(main, "rank_plan", rank)
+        assert plan == event(main, "rank_plan", 0)  # same changes, losses and shapes on every rank
+        assert [(c["layer"], c["old"], c["new"]) for c in plan["changes"]] == [(ds_common.GROWN, 5, 7)]
+        assert plan["shape"] == [ds_common.DIM, 7]
+        assert math.isclose(*plan["loss"], rel_tol=1e-6)  # new directions have s = 0: W unchanged
+        after = steps_of(main, rank)[-1]
+        assert after["step"] == STEPS and not after["skipped"] and math.isfinite(after["loss"])
+        assert after["adam_step"] == change["adam_step"][1] + 1
+        assert after["ortho"]["work"] <= ORTHO_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# Other launches
+
+
+def test_single_process_without_launcher_equals_torch_engine(tmp_path):
+    """``python worker.py`` (no launcher, world size 1, ZeRO-0) follows ``TorchEngine`` bitwise."""
+    run = launch("single", {"ds_config": str(REPO / "configs/ds/zero0.json"), "steps": STEPS, "poison": POISON},
+                 tmp_path, nproc=1)
+    assert run["world_size"] == 1
+    got = [(r["loss"], r["grad_norm"], r["skipped"]) for r in steps_of(run)]
+    want = [(r["loss"], r["grad_norm"], r["skipped"]) for r in reference()]
+    assert repr(got) == repr(want)  # repr: nan == nan
+
+
+def test_bf16_autocast_zero3_shipped_config(tmp_path):
+    """``configs/ds/zero3-bf16.json`` as shipped (tiny parameters stay unpartitioned: persistence path)."""
+    run = launch("zero3-bf16", {"ds_config": str(REPO / "configs/ds/zero3-bf16.json"), "steps": STEPS,
+                                "poison": POISON, "dtype": "bfloat16"}, tmp_path)
+    first, second = steps_of(run, 0), steps_of(run, 1)
+    assert [r["hash"] for r in first] == [r["hash"] for r in second]
+    losses = [r["loss"] for r in first if not r["skipped"]]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert max(r["ortho"]["work"] for r in first + second) <= ORTHO_TOL
+    assert max(r["ortho"]["master"] for r in first + second) <= ORTHO_TOL
+
+
+def test_report_launch_times():
+    """Not a check: prints how long each launch took (``pytest -s``)."""
+    for name, seconds in TIMINGS.items():
+        print(f"{name}: {seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers (no processes)
+
+
+def test_assign_owners_balances_cost_deterministically():
+    from tsvd.engine.deepspeed_engine import assign_owners
+
+    costs = {"a": 8, "b": 7, "c": 6, "d": 5, "e": 4}
+    owners = assign_owners(costs, 2)
+    assert owners == assign_owners(dict(reversed(costs.items())), 2)
+    loads = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(2)]
+    assert max(loads) - min(loads) <= max(costs.values())  # greedy bound: off by at most one item
+    assert set(assign_owners(costs, 1).values()) == {0}
+
+
+def test_ds_config_fills_batch_and_clipping_and_refuses_conflicts(tmp_path):
+    from tsvd.engine.deepspeed_engine import build_ds_config, read_ds_config
+    from tsvd.errors import UserError
+
+    cfg = ds_common.make_config()
+    raw = read_ds_config(str(REPO / "configs/ds/zero2.json"))
+    out = build_ds_config(dict(raw, train_batch_size=999), cfg, world_size=2)
+    batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    assert tuple(out[k] for k in batch_keys) == (2, 2, 8)
+    assert out["gradient_clipping"] == cfg.train.grad_clip
+    zero0 = read_ds_config(str(REPO / "configs/ds/zero0.json"))
+    assert build_ds_config(zero0, cfg, 2)["gradient_clipping"] == 0.0
+    with pytest.raises(UserError, match="cannot be split evenly"):
+        build_ds_config(raw, cfg, world_size=3)
+    with pytest.raises(UserError, match="torch_autocast is on but train.dtype is float32"):
+        build_ds_config(read_ds_config(str(REPO / "configs/ds/zero2-bf16.json")), cfg, 2)
+    for section in ({"optimizer": {"type": "AdamW"}}, {"scheduler": {"type": "WarmupLR"}}, {"bf16": {"enabled": True}}):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(dict(raw, **section)))
+        with pytest.raises(UserError, match=f"remove '{next(iter(section))}'"):
+            read_ds_config(str(bad))
+
+
+def test_skeleton_materializes_a_plain_copy_with_new_values():
+    from tsvd.engine.deepspeed_engine import materialize, meta_skeleton
+
+    model = ds_common.tiny_model()
+    skeleton = meta_skeleton(model)
+    assert all(p.is_meta for p in skeleton.parameters())
+    values = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+    copy = materialize(skeleton, values)
+    assert all(torch.equal(p, values[n]) for n, p in copy.named_parameters())
+    assert torch.equal(copy.rope_cos, model.rope_cos)
+    x = torch.zeros(1, 3, dtype=torch.long)
+    assert copy(x, x)[1].isfinite()

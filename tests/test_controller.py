@@ -147,6 +147,19 @@ def test_budget_moves_rank_from_decaying_to_flat_layer():
     assert small.ranks == {"flat": 6, "decay": 4}
 
 
+def test_budget_holds_when_a_layer_just_grew():
+    layers = {"flat": (64, 64), "decay": (64, 64)}
+    c = RankController(budget_cfg(), layers)
+    assert c.plan(10, {"flat": torch.ones(8), "decay": GEOM[:8]}).ranks == {"flat": 12, "decay": 4}
+    # "decay" now looks saturated and bids high, but "flat" may not give back its new directions yet:
+    # the budget (16 directions) leaves "decay" nothing to grow with
+    plan = c.plan(20, {"flat": torch.cat([torch.ones(8), torch.full((4,), 1e-3)]), "decay": torch.ones(4)})
+    assert plan.ranks == {}
+    # one interval later "flat" may shrink: its 4 idle directions go to "decay" (capped at 1.5·4 = 6)
+    plan = c.plan(30, {"flat": torch.cat([torch.ones(8), torch.full((4,), 1e-3)]), "decay": torch.ones(4)})
+    assert plan.ranks == {"flat": 10, "decay": 6}
+
+
 def test_budget_respects_bounds_and_total():
     gen = torch.Generator().manual_seed(0)
     layers = {f"l{i}": shape for i, shape in enumerate([(64, 32), (128, 48), (96, 96), (200, 40), (48, 48)])}

@@ -10,10 +10,10 @@ import pytest
 from tsvd.plots import load_rank_history, rank_heatmap, rank_matrix
 
 HISTORY = [
-    {"step": 0, "ranks": {"layers.10.mlp.up": 32, "layers.2.attn.q": 32}},
-    {"step": 100, "ranks": {"layers.10.mlp.up": 48, "layers.2.attn.q": 20}},
-    {"step": 200, "ranks": {"layers.10.mlp.up": 40, "layers.2.attn.q": 24, "layers.2.mlp.down": 16}},
-    {"step": 100, "ranks": {"layers.10.mlp.up": 48, "layers.2.attn.q": 22}},  # a resumed run re-logs step 100
+    {"step": 0, "ranks": {"layers.0.attn.q": 32, "layers.0.attn.k": 32}},
+    {"step": 100, "ranks": {"layers.0.attn.q": 20, "layers.0.attn.k": 48}},
+    {"step": 200, "ranks": {"layers.0.attn.q": 24, "layers.0.attn.k": 40, "layers.0.mlp.down": 16}},
+    {"step": 100, "ranks": {"layers.0.attn.q": 22, "layers.0.attn.k": 48}},  # a resumed run re-logs step 100
 ]
 
 
@@ -24,11 +24,11 @@ def write_jsonl(path, records) -> None:
 def test_rank_matrix_orders_layers_and_steps(tmp_path):
     write_jsonl(tmp_path / "ranks.jsonl", HISTORY)
     layers, steps, R = rank_matrix(load_rank_history(tmp_path / "ranks.jsonl"))
-    assert layers == ["layers.2.attn.q", "layers.2.mlp.down", "layers.10.mlp.up"]  # natural order
+    assert layers == ["layers.0.attn.q", "layers.0.attn.k", "layers.0.mlp.down"]  # model order, as written
     assert steps == [0, 100, 200]
     assert R[0].tolist() == [32, 22, 24]  # the later record of step 100 wins
-    assert math.isnan(R[1, 0]) and R[1, 2] == 16
-    assert R[2].tolist() == [32, 48, 40]
+    assert R[1].tolist() == [32, 48, 40]
+    assert math.isnan(R[2, 0]) and R[2, 2] == 16
 
 
 def test_heatmap_png_from_file_and_from_records(tmp_path):

@@ -89,6 +89,23 @@ def test_accumulates_over_micro_batches():
         assert float((a - b).norm() / a.norm()) < 1e-4
 
 
+def test_all_reduce_sums_data_parallel_shards():
+    """Two "ranks" sketch half a batch each with the same seed; summing them gives the global sketch."""
+    x, W = decaying_problem(T=128)
+    shards = []
+    for xb in (x, *x.chunk(2)):
+        model = layer_model()
+        with GradientSketch(model, width=K, generator=torch.Generator().manual_seed(2)) as sk:
+            loss_of(model, xb, W)[1].backward()
+        shards.append(sk)
+    full, rank0, rank1 = shards
+    others = iter([rank1.sketches["0"].Y, rank1.sketches["0"].Z, torch.tensor([64.0])])
+    rank0.all_reduce_(lambda t: t.add_(next(others)))  # a stand-in for torch.distributed.all_reduce
+    assert rank0.sketches["0"].tokens == 128
+    for a, b in ((full.sketches["0"].Y, rank0.sketches["0"].Y), (full.sketches["0"].Z, rank0.sketches["0"].Z)):
+        assert float((a - b).norm() / a.norm()) < 1e-4
+
+
 def test_hooks_removed_on_exit_and_on_error():
     model = layer_model()
     x, W = decaying_problem()

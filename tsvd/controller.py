@@ -126,8 +126,9 @@ def allocate_budget(shares: Mapping[str, Tensor], cost: Mapping[str, int], low: 
     for order, name in enumerate(layers):
         e = shares[name].double()
         weakest = float(e[-1]) if e.numel() else 0.0
-        values = [float(e[i]) if i < e.numel() else weakest for i in range(low[name], high[name])]
-        candidates += [(-v / cost[name], order, i, name) for i, v in zip(range(low[name], high[name]), values)]
+        for i in range(low[name], high[name]):
+            value = float(e[i]) if i < e.numel() else weakest
+            candidates.append((-value / cost[name], order, i, name))
     for _, _, _, name in sorted(candidates):
         if spent + cost[name] <= budget:
             ranks[name] += 1
@@ -185,23 +186,24 @@ class RankController:
         if unknown:
             raise ValueError(f"spectra for layers the controller does not know: {unknown}")
         ranks = {name: s.numel() for name, s in spectra.items()}
+        just_grew = {name: step - self.last_growth.get(name, -math.inf) <= self.cfg.interval for name in ranks}
         if self.cfg.policy == "energy":
             targets = {name: energy_target(s, self.cfg, self.layers[name]) for name, s in spectra.items()}
         elif self.cfg.policy == "budget":
-            targets = self._budget_targets(spectra)
+            targets = self._budget_targets(spectra, just_grew)
         else:
             targets = dict(ranks)
         planned: dict[str, int] = {}
         for name, r in ranks.items():
-            just_grew = step - self.last_growth.get(name, -math.inf) <= self.cfg.interval
-            new = guard(r, targets[name], self.cfg, just_grew)
+            new = guard(r, targets[name], self.cfg, just_grew[name])
             if new != r:
                 planned[name] = new
                 if new > r:
                     self.last_growth[name] = step
         return RankPlan(step, planned, {name: ranks[name] for name in planned})
 
-    def _budget_targets(self, spectra: Mapping[str, Tensor]) -> dict[str, int]:
+    def _budget_targets(self, spectra: Mapping[str, Tensor], just_grew: Mapping[str, bool]) -> dict[str, int]:
+        """Allocation under the guardrails: a layer that may not shrink now has its current rank as floor."""
         names = list(spectra)
         if self.budget is None:
             self.budget = sum(spectra[n].numel() * self.cost(n) for n in names)
@@ -209,7 +211,7 @@ class RankController:
         for n in names:
             r = spectra[n].numel()
             lowest, highest = rank_bounds(self.cfg, self.layers[n])
-            low[n] = shrink_floor(r, self.cfg, lowest)
+            low[n] = r if just_grew[n] else shrink_floor(r, self.cfg, lowest)
             high[n] = max(low[n], min(highest, growth_ceiling(r, self.cfg, highest)))
         shares = {n: energy_shares(spectra[n]) for n in names}
         return allocate_budget(shares, {n: self.cost(n) for n in names}, low, high, self.budget)

@@ -10,7 +10,6 @@ resumed run appends). Lines with a repeated step replace the earlier one. Usage:
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -30,17 +29,13 @@ def load_rank_history(path: str | Path) -> list[dict]:
     return records
 
 
-def _natural_key(name: str) -> list:
-    """``layers.10.mlp.up`` sorts after ``layers.9.attn.q``."""
-    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
-
-
 def rank_matrix(history: Iterable[Mapping]) -> tuple[list[str], list[int], np.ndarray]:
     """``(layers, steps, R)`` with ``R[i, j]`` the rank of ``layers[i]`` at ``steps[j]`` (NaN where a
-    record lacks the layer); steps ascending, the last record of a step wins."""
+    record lacks the layer); steps ascending, the last record of a step wins; layers in order of first
+    appearance (the trainer writes them in module order)."""
     by_step = {int(rec["step"]): rec["ranks"] for rec in history}
     steps = sorted(by_step)
-    layers = sorted({name for ranks in by_step.values() for name in ranks}, key=_natural_key)
+    layers = list(dict.fromkeys(name for step in steps for name in by_step[step]))
     R = np.full((len(layers), len(steps)), np.nan)
     for j, step in enumerate(steps):
         for i, name in enumerate(layers):
@@ -50,7 +45,7 @@ def rank_matrix(history: Iterable[Mapping]) -> tuple[list[str], list[int], np.nd
 
 
 def rank_heatmap(history: str | Path | Iterable[Mapping], out_png: str | Path, title: str | None = None) -> Path:
-    """Draw ranks as a layers × steps heatmap (each record's ranks hold until the next record) into
+    """Draw ranks as a layers (rows, model order) × steps heatmap (each record's ranks hold until the next record) into
     ``out_png``. ``history``: a ``ranks.jsonl`` path or its records. Returns the PNG path."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -134,8 +134,9 @@ class GradientSketch:
             mod = self.modules[name]
             U, V = mod.U.detach().float(), mod.V.detach().float()
             (m, r), n = U.shape, V.shape[0]
-            ell = min(self._width(name, r) + self.oversample, min(m, n) - r)
-            if self._width(name, r) <= 0 or ell <= 0:
+            width = self._width(name, r)
+            ell = min(width + self.oversample, min(m, n) - r)
+            if width <= 0 or ell <= 0:
                 continue
             ell2 = min(2 * ell + 1, m - r)
             self.sketches[name] = LayerSketch(
@@ -165,6 +166,21 @@ class GradientSketch:
         sk.Y.addmm_(X.mT, G @ sk.omega)
         sk.Z.addmm_(G.mT, X @ sk.psi)
         sk.tokens += X.shape[0]
+
+    @torch.no_grad()
+    def all_reduce_(self, reduce: Callable[[Tensor], None]) -> None:
+        """Sum the sketches over data-parallel ranks (call after the step, before ``directions``).
+
+        ``reduce(t)`` must sum ``t`` in place across ranks (e.g. ``torch.distributed.all_reduce``); it is
+        called in the same order on every rank. Every rank must have used the same ``generator`` seed
+        (identical test matrices), so the sum is the sketch of the global batch's gradient.
+        """
+        for name in sorted(self.sketches):
+            sk = self.sketches[name]
+            tokens = torch.tensor([float(sk.tokens)], device=sk.Y.device)
+            for t in (sk.Y, sk.Z, tokens):
+                reduce(t)
+            sk.tokens = int(tokens.item())
 
     @torch.no_grad()
     def directions(self, layer: str, k: int) -> tuple[Tensor, Tensor]:

@@ -1,15 +1,18 @@
-"""Run the real CLI in a child process that can be stopped at an exact point and killed with SIGKILL.
+"""Run the real CLI in child processes that can be stopped at an exact point and killed with SIGKILL.
 
-The child is ``python -c CHILD <tsvd args>``: it wraps two ``TorchEngine`` methods (nothing in the
-library knows about tests) and then runs ``tsvd.cli`` exactly as ``python -m tsvd.cli`` would.
-``TSVD_TEST_BLOCK`` says where to stop:
+The child is ``python CHILD <tsvd args>`` (or one ``CHILD`` per rank under ``torchrun``): it wraps the
+engine's ``train_step`` (and ``TorchEngine.save``) — nothing in the library knows about tests — and then
+runs ``tsvd.cli`` exactly as ``python -m tsvd.cli`` would. ``TSVD_TEST_BLOCK`` says what to do:
 
-- ``save:N`` — in the N-th checkpoint save of this process, after the engine wrote its file into the
-  unpublished ``.tmp-*`` directory, cut that file in half (a torn write) and block;
-- ``step:N`` — at the start of the N-th ``train_step`` of this process (its batches already drawn).
+- ``save:N`` — in the N-th checkpoint save of the process (torch engine), after the engine wrote its
+  file into the unpublished ``.tmp-*`` directory, cut that file in half (a torn write) and block;
+- ``step:N[:RANK]`` — block at the start of the N-th ``train_step`` (its batches already drawn), on every
+  rank or only on ``RANK``;
+- ``die:N[:RANK]`` — the same, but the process SIGKILLs itself (a crashed rank).
 
-When blocked, the child writes the marker file ``TSVD_TEST_READY``; the parent then sends SIGKILL to
-the child's process group. Every child runs in its own session and is killed whole on any failure.
+A blocked child writes the marker file ``TSVD_TEST_READY``. Every launch runs in its own session; on
+return, on failure and on timeout the whole process tree is SIGKILLed (``torchrun`` starts its workers
+in sessions of their own, so killing a process group is not enough).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import yaml
 
 from tsvd.config import apply_overrides
@@ -28,21 +33,23 @@ from tsvd.config import apply_overrides
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import os, runpy, sys, time
+import os, runpy, signal, sys, time
 from pathlib import Path
+import tsvd.engine
 from tsvd.engine import torch_engine as te
 
-what, n = os.environ["TSVD_TEST_BLOCK"].split(":")
+what, n, *only = os.environ["TSVD_TEST_BLOCK"].split(":")
 n, ready, calls = int(n), Path(os.environ["TSVD_TEST_READY"]), {"save": 0, "step": 0}
+me = int(os.environ.get("RANK", "0"))
 
 def block(note):
-    tmp = ready.with_name(ready.name + ".part")
+    tmp = ready.with_name(f"{ready.name}.{me}.part")
     tmp.write_text(note)
     os.replace(tmp, ready)
     while True:
         time.sleep(1)
 
-real_save, real_step = te.TorchEngine.save, te.TorchEngine.train_step
+real_save, real_build = te.TorchEngine.save, tsvd.engine.build_engine
 
 def save(self, path, client_state):
     real_save(self, path, client_state)
@@ -53,13 +60,26 @@ def save(self, path, client_state):
         f.write_bytes(data[: len(data) // 2])
         block(str(path))
 
-def train_step(self, *args, **kwargs):
-    calls["step"] += 1
-    if what == "step" and calls["step"] == n:
-        block("step")
-    return real_step(self, *args, **kwargs)
+def build_engine(cfg, model):
+    engine = real_build(cfg, model)
+    real_step = engine.train_step
 
-te.TorchEngine.save, te.TorchEngine.train_step = save, train_step
+    def train_step(*args, **kwargs):
+        calls["step"] += 1
+        if calls["step"] == n and (not only or int(only[0]) == me):
+            if what == "step":
+                block("step")
+            if what == "die":
+                tmp = ready.with_name(f"{ready.name}.{me}.part")
+                tmp.write_text("died")
+                os.replace(tmp, ready)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(*args, **kwargs)
+
+    engine.train_step = train_step
+    return engine
+
+te.TorchEngine.save, tsvd.engine.build_engine = save, build_engine
 sys.argv = ["tsvd", *sys.argv[1:]]
 runpy.run_module("tsvd.cli", run_name="__main__")
 """
@@ -76,30 +96,75 @@ def write_config(path: Path, raw: dict, *overrides: str) -> Path:
     return path
 
 
-def kill_when_blocked(args: list[str], block: str, workdir: Path, timeout: float = 240) -> str:
-    """Run ``tsvd ARGS`` in a child that blocks at ``block`` (see module doc), SIGKILL its process group
-    once it is there, and return the child's note (the checkpoint directory for ``save:N``)."""
-    ready = workdir / f"ready-{block.replace(':', '-')}-{time.monotonic_ns()}"
-    log = workdir / f"{ready.name}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env=child_env(TSVD_TEST_BLOCK=block, TSVD_TEST_READY=str(ready)),
-                                start_new_session=True)
-    deadline = time.monotonic() + timeout
+def child_script(workdir: Path) -> Path:
+    path = workdir / "tsvd_child.py"
+    if not path.exists():
+        path.write_text(CHILD)
+    return path
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process below it (collected first: orphans would be lost)."""
     try:
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"child exited ({proc.returncode}) before reaching {block}:\n"
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        victims = []
+    for p in [proc.pid, *(v.pid for v in victims)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    psutil.wait_procs(victims, timeout=10)
+
+
+@dataclass
+class Launch:
+    returncode: int | None  # None: still running when killed (blocked, or timed out)
+    seconds: float  # from start to exit (or kill)
+    ended: float  # time.time() at exit (or kill)
+    log: str
+    marker: str  # the file a blocked (or dying) child writes; its mtime is when that happened
+    note: str = ""  # what the blocked child wrote (the checkpoint directory for ``save:N``)
+
+
+def launch(args: list[str], workdir: Path, block: str = "", nproc: int = 1, timeout: float = 240,
+           wait_for_block: bool = True) -> Launch:
+    """Run ``tsvd ARGS`` through ``CHILD`` (under ``torchrun --standalone`` for ``nproc > 1``: a free port).
+
+    With ``block`` and ``wait_for_block``, return as soon as a child reports being blocked (everything is
+    then SIGKILLed, ``returncode=None``); otherwise wait for the exit. Fails with the log's tail when a
+    child exits before blocking or the timeout passes."""
+    tag = f"{block.replace(':', '-') or 'run'}-{time.monotonic_ns()}"
+    ready, log = workdir / f"ready-{tag}", workdir / f"{tag}.log"
+    script = str(child_script(workdir))
+    cmd = [sys.executable, script, *args] if nproc == 1 else \
+        ["torchrun", "--standalone", "--nproc_per_node", str(nproc), script, *args]
+    env = child_env(TSVD_TEST_BLOCK=block or "none:0", TSVD_TEST_READY=str(ready))
+    if nproc > 1:  # CPU ranks (gloo); a JIT build of a DeepSpeed op would land in workdir, not in ~/.cache
+        env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(workdir / "torch_extensions"))
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        while proc.poll() is None:
+            if block and wait_for_block and ready.exists():
+                break
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"tsvd {' '.join(args)} ({block}) still running after {timeout} s:\n"
                                      f"{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"child did not reach {block} within {timeout} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
+        if block and wait_for_block and not ready.exists():
+            raise AssertionError(f"child exited ({proc.returncode}) before reaching {block}:\n{log.read_text()[-3000:]}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    return ready.read_text()
+        returncode, seconds, ended = proc.poll(), time.monotonic() - t0, time.time()
+        kill_tree(proc)
+    return Launch(returncode, seconds, ended, log.read_text(), str(ready), ready.read_text() if ready.exists() else "")
+
+
+def kill_when_blocked(args: list[str], block: str, workdir: Path, timeout: float = 240) -> str:
+    """Run ``tsvd ARGS`` in a child that blocks at ``block``, SIGKILL it there, return the child's note."""
+    return launch(args, workdir, block, timeout=timeout).note
 
 
 def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

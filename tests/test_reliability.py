@@ -14,6 +14,7 @@ process group and are killed whole on timeout.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from tsvd.engine import torch_engine
 from tsvd.trainer import Trainer
 
 from conftest import tiny_raw
-from killable import kill_when_blocked, run_cli, write_config
+from killable import kill_when_blocked, launch, run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("train.threads=1",)
@@ -393,3 +394,58 @@ def assert_bitwise_equal(a, b, where: str = "") -> None:
         assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
     else:
         assert a == b, where
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes (DeepSpeed, ZeRO-1, through torchrun: a free port per launch)
+
+
+@pytest.fixture
+def deepspeed_engine():
+    if importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("tsvd.engine.deepspeed_engine") is None:
+        pytest.skip("needs deepspeed and tsvd.engine.deepspeed_engine")
+
+
+DS_TIMEOUT_S = 10
+DISTRIBUTED = (*FAST, "train.steps=6", "train.checkpoint_interval=2", "train.eval_interval=100", "train.log_interval=1",
+               "engine.kind=deepspeed", f"engine.deepspeed_config={REPO / 'configs' / 'ds' / 'zero1.json'}",
+               f"engine.timeout_s={DS_TIMEOUT_S}", "rank.policy=energy", "rank.warmup_steps=2", "rank.interval=2",
+               "rank.energy=0.9")
+
+
+def test_two_process_failures_end_the_job_and_resume_is_exact(tmp_path, deepspeed_engine):
+    """2 ranks, ranks changing at steps 2 (growth) and 6 (shrink). (1) A rank that hangs (alive, out of the collectives) ends
+    the job non-zero after ``engine.timeout_s``, not the 10-minute default. (2) A rank killed by SIGKILL
+    ends the job non-zero at once. (3) ``tsvd train`` again resumes the killed run from its last
+    checkpoint and reproduces the uninterrupted two-process run's losses and rank changes bitwise."""
+    def config(name: str, *extra: str) -> list[str]:
+        path = write_config(tmp_path / f"{name}.yaml", tiny_raw(tmp_path), *DISTRIBUTED, f"out_dir={tmp_path}/{name}", *extra)
+        return ["train", str(path), "--no-progress"]
+
+    ref = launch(config("ref"), tmp_path, nproc=2)
+    assert ref.returncode == 0, ref.log[-3000:]
+    ref_losses = {step: v[0] for step, v in losses_by_step(tmp_path / "ref").items()}
+    ref_changes = events(tmp_path / "ref", "rank_change")
+    assert sorted(ref_losses) == list(range(1, 7)) and {e["step"] for e in ref_changes} == {2, 6}, ref_changes
+
+    hang = launch(config("hang"), tmp_path, block="step:2:1", nproc=2, wait_for_block=False, timeout=240)
+    hung_for = hang.ended - Path(hang.marker).stat().st_mtime
+    assert hang.returncode not in (0, None), hang.log[-3000:]
+    assert f"Timed out waiting {DS_TIMEOUT_S * 1000}ms" in hang.log
+    assert DS_TIMEOUT_S - 1 <= hung_for <= DS_TIMEOUT_S + 45, hung_for
+
+    died = launch(config("cut", "engine.timeout_s=600"), tmp_path, block="die:5:1", nproc=2, wait_for_block=False,
+                  timeout=240)
+    assert died.returncode not in (0, None), died.log[-3000:]
+    assert died.ended - Path(died.marker).stat().st_mtime < 60  # far below the 600 s process-group timeout
+    assert ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-00000004"
+
+    resumed = launch(config("cut"), tmp_path, nproc=2)
+    assert resumed.returncode == 0, resumed.log[-3000:]
+    logged = losses_by_step(tmp_path / "cut")
+    assert sorted(logged) == sorted(ref_losses)
+    for step, values in logged.items():
+        assert values == [ref_losses[step]] * len(values), step
+    before_kill = [e for e in ref_changes if e["step"] <= 4]
+    after_resume = [e for e in ref_changes if e["step"] > 4]
+    assert events(tmp_path / "cut", "rank_change") == before_kill + after_resume

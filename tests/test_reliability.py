@@ -449,3 +449,40 @@ def test_two_process_failures_end_the_job_and_resume_is_exact(tmp_path, deepspee
     before_kill = [e for e in ref_changes if e["step"] <= 4]
     after_resume = [e for e in ref_changes if e["step"] > 4]
     assert events(tmp_path / "cut", "rank_change") == before_kill + after_resume
+
+
+def test_exports_hold_no_pickles(tmp_path):
+    """What tsvd writes for exchange (``tsvd export``: dense HF checkpoint or factors) is safetensors and
+    JSON/text only — nothing a reader has to unpickle."""
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs the 'hf' extra")
+    from safetensors import safe_open
+
+    config = write_config(tmp_path / "run.yaml", tiny_raw(tmp_path), *FAST, "train.steps=1", "train.eval_interval=100")
+    assert main(["train", str(config), "--no-progress"]) == 0
+    for extra, name in (([], "dense"), (["--factors"], "factors")):
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / name), *extra]) == 0
+        files = [p for p in (tmp_path / name).rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), files
+        for p in files:
+            head = p.read_bytes()[:4]
+            assert p.suffix in (".safetensors", ".json", ".txt", ".md", ".jinja"), p
+            assert head[:1] != b"\x80" and head != b"PK\x03\x04", f"{p} looks like a pickle / torch.save file"
+            if p.suffix == ".safetensors":
+                with safe_open(str(p), "pt") as f:
+                    assert len(list(f.keys())) > 0
+
+
+def test_deepspeed_checkpoint_loader_refuses_pickled_code(tmp_path, deepspeed_engine):
+    """DeepSpeed's own loader unpickles freely; the DeepSpeed engine replaces it by a ``weights_only``
+    loader (three DeepSpeed classes allow-listed) for every file of a checkpoint."""
+    from tsvd.engine.deepspeed_engine import weights_only_loader
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "evil": Payload(marker)}, path)
+    with pytest.raises(Exception, match="Unsupported global"):
+        weights_only_loader(str(path), map_location="cpu")
+    assert not marker.exists()
+    torch.save({"module": {"w": torch.ones(2)}}, path)
+    assert torch.equal(weights_only_loader(str(path))["module"]["w"], torch.ones(2))

@@ -195,6 +195,10 @@ def test_plan_and_change_round_trip_json():
             RankPlan.from_dict(bad)
 
 
-def test_sketch_width():
-    c = RankController(energy_cfg(max_rank=40), {"a": (128, 96), "b": (128, 96), "c": (16, 16)})
-    assert c.sketch_width({"a": 20, "b": 40, "c": 12}) == {"a": 10, "c": 4}
+def test_sketch_width_is_a_dry_run_of_the_next_decision():
+    layers = {"a": (128, 96), "b": (128, 96), "c": (16, 16)}
+    c = RankController(energy_cfg(max_rank=40, max_shrink=0.9), layers)
+    spectra = {"a": FLAT, "b": GEOM, "c": torch.ones(12)}  # a grows 20→30, b shrinks, c is capped at 16
+    assert c.sketch_width(100, spectra) == {"a": 10, "c": 4}
+    assert c.state_dict() == RankController(energy_cfg(), layers).state_dict()  # nothing recorded
+    assert c.plan(100, spectra).ranks == {"a": 30, "b": 5, "c": 16}

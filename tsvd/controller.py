@@ -170,18 +170,24 @@ class RankController:
         m, n = self.layers[layer]
         return m + n + 1
 
-    def sketch_width(self, ranks: Mapping[str, int]) -> dict[str, int]:
-        """The most directions each layer can gain at the next decision (``growth_ceiling − r``), for
-        sizing a ``GradientSketch``; layers already at their ceiling are left out."""
-        out = {}
-        for name, r in ranks.items():
-            k = growth_ceiling(r, self.cfg, rank_bounds(self.cfg, self.layers[name])[1]) - r
-            if k > 0:
-                out[name] = k
-        return out
+    def sketch_width(self, step: int, spectra: Mapping[str, Tensor]) -> dict[str, int]:
+        """``{layer: k}``: the layers a decision at ``step`` on these spectra would grow, and by how much —
+        a dry run of ``plan`` (no state changes) for sizing the ``GradientSketch`` of the step before the
+        decision. Spectra move little in one step; a layer that grows without having been predicted
+        simply gets random directions."""
+        targets = self._targets(step, spectra)
+        return {n: new - spectra[n].numel() for n, new in targets.items() if new > spectra[n].numel()}
 
     def plan(self, step: int, spectra: Mapping[str, Tensor]) -> RankPlan:
         """``spectra``: ``{layer: s}`` for (a subset of) the controller's layers, current after the step."""
+        ranks = {name: s.numel() for name, s in spectra.items()}
+        planned = {n: new for n, new in self._targets(step, spectra).items() if new != ranks[n]}
+        self.last_growth.update({n: step for n, new in planned.items() if new > ranks[n]})
+        return RankPlan(step, planned, {n: ranks[n] for n in planned})
+
+    def _targets(self, step: int, spectra: Mapping[str, Tensor]) -> dict[str, int]:
+        """Every layer's next rank under the policy and the guardrails (reads state, changes none but
+        the budget resolved at the first decision)."""
         unknown = [name for name in spectra if name not in self.layers]
         if unknown:
             raise ValueError(f"spectra for layers the controller does not know: {unknown}")
@@ -193,14 +199,7 @@ class RankController:
             targets = self._budget_targets(spectra, just_grew)
         else:
             targets = dict(ranks)
-        planned: dict[str, int] = {}
-        for name, r in ranks.items():
-            new = guard(r, targets[name], self.cfg, just_grew[name])
-            if new != r:
-                planned[name] = new
-                if new > r:
-                    self.last_growth[name] = step
-        return RankPlan(step, planned, {name: ranks[name] for name in planned})
+        return {name: guard(r, targets[name], self.cfg, just_grew[name]) for name, r in ranks.items()}
 
     def _budget_targets(self, spectra: Mapping[str, Tensor], just_grew: Mapping[str, bool]) -> dict[str, int]:
         """Allocation under the guardrails: a layer that may not shrink now has its current rank as floor."""

@@ -100,7 +100,8 @@ class GradientSketch:
 
     ``layers``: ``SpectralLinear`` names to sketch (default: all, or the keys of a ``width`` mapping).
     ``width``: directions the sketch should be able to supply per layer — an int, a ``{layer: k}``
-    mapping (e.g. ``RankController.sketch_width``), or ``None`` for the layer's current rank.
+    mapping (``RankController.sketch_width``: only the layers about to grow), or ``None`` for the layer's
+    current rank.
     Hooks are removed on exit; the sketches stay readable, so ``directions`` is called after the step.
     Transient memory per sketched layer: ``(m + n)·(ℓ + ℓ')`` floats twice (test matrices + sketches).
     """

@@ -34,6 +34,7 @@ from tsvd.retraction import Retractor, repair_tolerance, spectral_factors
 from tsvd.stiefel import orthonormality_error
 from tsvd.cli import main
 from tsvd.engine import torch_engine
+from tsvd.errors import UserError
 from tsvd.trainer import Trainer
 
 from conftest import tiny_raw
@@ -475,13 +476,13 @@ def test_exports_hold_no_pickles(tmp_path):
 
 def test_deepspeed_checkpoint_loader_refuses_pickled_code(tmp_path, deepspeed_engine):
     """DeepSpeed's own loader unpickles freely; the DeepSpeed engine replaces it by a ``weights_only``
-    loader (three DeepSpeed classes allow-listed) for every file of a checkpoint."""
+    loader (three DeepSpeed classes allow-listed) for every file of a checkpoint; a refusal is a UserError."""
     from tsvd.engine.deepspeed_engine import weights_only_loader
 
     marker = tmp_path / "pwned"
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "evil": Payload(marker)}, path)
-    with pytest.raises(Exception, match="Unsupported global"):
+    with pytest.raises(UserError, match=r"mp_rank_00_model_states.pt: refused: .*Unsupported global"):
         weights_only_loader(str(path), map_location="cpu")
     assert not marker.exists()
     torch.save({"module": {"w": torch.ones(2)}}, path)

@@ -40,6 +40,7 @@ import copy
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,9 +244,16 @@ def zero3_local_slice(p: nn.Parameter, full: Tensor) -> Tensor:
 
 
 def weights_only_loader(path: str, map_location=None) -> dict:
-    """``torch.load`` with ``weights_only=True`` for DeepSpeed's checkpoint files (no code runs on load)."""
+    """``torch.load`` with ``weights_only=True`` for DeepSpeed's checkpoint files (no code runs on load).
+    A file holding anything else (a hostile or foreign pickle) is refused with a ``UserError`` naming it."""
     with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = next((line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+                           for line in str(e).splitlines() if "WeightsUnpickler error:" in line), "weights_only=True")
+            raise UserError(f"{path}: refused: it holds objects other than tensors, plain containers and "
+                            f"DeepSpeed's checkpoint classes ({reason}); not loaded") from None
 
 
 def read_client_state(path: Path) -> dict:

@@ -5,8 +5,9 @@ The model is tsvd's own decoder built from ``configs/llama3-70b.yaml`` (80 layer
 embedding and the LM head spectral at rank 32). No dense weight is ever materialized. Each path runs
 in a fresh subprocess, so the peak RSS printed (``ru_maxrss``, measured, not estimated) is its own:
 
-- ``tsvd``: fused AdamW and the cached Cholesky-QR retraction applied block by block during backward
-  (``tsvd.optim.StepInBackward``: gradients of one block at a time, freed right after its update);
+- ``tsvd``: fused AdamW applied block by block during backward (``tsvd.optim.StepInBackward``: the
+  gradients of one block at a time, freed right after its update), then the cached Cholesky-QR
+  retraction of every factor;
 - ``tsvd-engine``: the same optimizer and retraction run after backward, as ``TorchEngine`` does
   (all gradients coexist; freed with ``zero_grad(set_to_none=True)`` before the retraction);
 - ``sct``: SCT's recipe on the same model — init ``s = 1``, foreach AdamW, Householder QR with sign
@@ -45,8 +46,9 @@ TARGETS = {"peak_rss_gb": 7.2, "retraction_share": 0.10, "step_ratio_vs_sct": 0.
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process so far (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident set size of this process so far, in GB = 1e9 bytes (the unit of the 7.2 GB target
+    and of SCT's "7,235.5 MB"); Linux reports ``ru_maxrss`` in KiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def text_tokens() -> list[int]:
@@ -75,7 +77,6 @@ def run_path(args: argparse.Namespace) -> dict:
     from tsvd.retraction import Retractor, spectral_factors
     from tsvd.stiefel import householder_qr
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = args.child
     overrides = [f"train.seq_len={args.seq_len}", f"train.batch_size={args.batch}"]
@@ -89,9 +90,14 @@ def run_path(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, overrides)
     t = cfg.train
 
+    # Init runs ~1,100 small Householder QRs (random orthonormal factors). With 2 OpenMP threads on a
+    # loaded 2-core machine each QR stalls at thread barriers (0.8 s instead of 2–10 ms was measured
+    # here); one thread is as fast on a quiet machine and 10–50× faster on a busy one.
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     model = build_model(cfg.model)
     init_s = time.perf_counter() - t0
+    torch.set_num_threads(args.threads)
     rss_init = peak_rss_gb()
     factors = spectral_factors(model)
 
@@ -117,15 +123,15 @@ def run_path(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         _, loss = model(x, y)
         t1 = time.perf_counter()
+        if stepper is not None:
+            stepper.optimizer_seconds = 0.0
         loss.backward()
-        if stepper is not None:
-            stepper.flush()
         t2 = time.perf_counter()
-        if stepper is not None:
-            hooks = stepper.reset_times()
-            row.update(optimizer=hooks.optimizer, retraction=hooks.retraction,
-                       backward=(t2 - t1) - hooks.optimizer - hooks.retraction, fallbacks=len(hooks.fallbacks))
-            t4 = t2
+        if stepper is not None:  # AdamW ran inside backward, block by block
+            report = stepper.finish()
+            t4 = time.perf_counter()
+            row.update(optimizer=stepper.optimizer_seconds, backward=t2 - t1 - stepper.optimizer_seconds,
+                       retraction=t4 - t2, fallbacks=len(report.fallbacks))
         else:
             set_lr(optimizer, 1.0)
             optimizer.step()
@@ -182,7 +188,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": psutil.virtual_memory().total / 2**30,
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": psutil.virtual_memory().total / 1e9,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
@@ -217,7 +223,7 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
     first = next(iter(results.values()))
     lines.append(f"model: {first['params']:,} params ({first['spectral_params']:,} spectral), "
                  f"{first['factors']} factors; batch {args.batch} x {args.seq_len} tokens; "
-                 f"medians over steps 2..{args.steps}")
+                 f"medians over steps 2..{args.steps}; GB = 1e9 bytes")
     head = f"{'path':<12}" + "".join(f"{p:>12}" for p in PHASES) + f"{'retr.share':>11}{'peak RSS':>10}" \
            f"{'ortho err':>11}{'init':>8}"
     lines += [head, "-" * len(head)]
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown path(s) {unknown}; choose from {PATHS}")
     info = machine_info()
     print("command: " + shlex.join([Path(sys.executable).name, *sys.argv]))
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']:.1f} GiB RAM; "
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']:.1f} GB RAM; "
           f"python {info['python']}, torch {info['torch']}, {args.threads} threads; {info['platform']}")
     print(f"load average at start: {load_avg()}", flush=True)
     results = {}

@@ -6,22 +6,22 @@ projections, embeddings) and ``no_decay`` (norm weights, biases). Every group ca
 ``base_lr``; the schedule sets ``lr = base_lr · lr_multiplier(step)``.
 
 Memory: ``build_adamw`` is torch's fused AdamW (one in-place kernel per tensor, no full-size
-temporaries). ``StepInBackward`` goes further for single-backward steps: it updates and retracts each
-block as soon as its gradients are complete and frees them at once, so all gradients never coexist.
+temporaries). ``StepInBackward`` goes further for single-backward steps: it updates each block as soon
+as its gradients are complete and frees them at once, so all gradients never coexist.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
 from tsvd.config import TrainConfig
-from tsvd.retraction import Retractor
+from tsvd.retraction import RetractionReport, Retractor
 from tsvd.spectral import SpectralModule
 
 
@@ -89,43 +89,34 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
 
 @dataclass
 class _Unit:
-    """One block's parameters, its AdamW and its retractor; ``pending``: gradients still to come."""
+    """One block's parameters and its AdamW; ``pending``: gradients still to come this backward."""
 
     params: list[nn.Parameter]
     optimizer: torch.optim.AdamW
-    retractor: Retractor | None
     pending: int = 0
 
 
-@dataclass
-class PhaseTimes:
-    """Seconds spent inside the gradient hooks since the last ``reset``."""
-
-    optimizer: float = 0.0
-    retraction: float = 0.0
-    fallbacks: list[str] = field(default_factory=list)
-
-
 class StepInBackward:
-    """AdamW + retraction applied block by block *during* ``loss.backward()``.
+    """AdamW applied block by block *during* ``loss.backward()``; the retraction follows in ``finish()``.
 
     Each block (default ``model_blocks(model)``; blocks must partition the trainable parameters) gets
     its own fused AdamW over ``param_groups(block, t)``. When the last gradient of a block has been
-    accumulated, the block is updated, its spectral factors are retracted, and its gradients are
-    freed. This is safe: autograd accumulates a leaf's gradient only after every node using that
-    leaf has run, so no pending backward node reads the updated weights. The result equals
-    ``backward(); opt.step(); retract()`` with one AdamW over the whole model (same per-parameter
-    arithmetic), but only one block's gradients ever exist: for Llama-3-70B at rank 32 the peak drops
-    by the 1.7 GB of gradients, and gradients are not re-faulted in bulk every step.
+    accumulated, the block is updated and its gradients are freed at once. This is safe: autograd
+    accumulates a leaf's gradient only after every node using that leaf has run, so no pending
+    backward node reads the updated weights. ``finish()`` then steps any block that got only part of
+    its gradients and retracts every factor with one model-level ``Retractor`` (``self.retractor``:
+    same cache names as the engines'). The result equals ``backward(); opt.step(); retract()`` with one
+    AdamW over the whole model (same per-parameter arithmetic), but only one block's gradients ever
+    exist: for Llama-3-70B at rank 32 the peak drops by the 1.7 GB of gradients, and gradients are not
+    re-faulted in bulk every step.
 
     Limits (use the ordinary engine step for these): one ``backward`` per optimizer step (no gradient
     accumulation), no clipping by the global gradient norm, no "skip the step on a non-finite
-    gradient" — a block is updated before the other blocks' gradients exist. Call ``flush()`` after
-    ``backward`` if some parameter may not receive a gradient (it steps the partial blocks).
+    gradient" — a block is updated before the other blocks' gradients exist.
     """
 
     def __init__(self, model: nn.Module, t: TrainConfig, device: torch.device | str = "cpu",
-                 retraction: str = "cholesky", lazy_tol: float | None = None,
+                 retraction: str | None = "cholesky", lazy_tol: float | None = None,
                  blocks: list[nn.Module] | None = None) -> None:
         blocks = model_blocks(model) if blocks is None else blocks
         owner: dict[int, int] = {}
@@ -138,13 +129,12 @@ class StepInBackward:
                 if id(p) in owner:
                     raise ValueError("StepInBackward: blocks overlap (a parameter is in two blocks)")
                 owner[id(p)] = len(self.units)
-            spectral = any(isinstance(m, SpectralModule) for m in blk.modules())
-            self.units.append(_Unit(params, build_adamw(blk, t, device),
-                                    Retractor(blk, retraction, lazy_tol) if spectral else None, len(params)))
+            self.units.append(_Unit(params, build_adamw(blk, t, device), len(params)))
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
         if missing:
             raise ValueError(f"StepInBackward: blocks do not cover {missing[:3]}{'…' if len(missing) > 3 else ''}")
-        self.times = PhaseTimes()
+        self.retractor = Retractor(model, retraction, lazy_tol) if retraction else None
+        self.optimizer_seconds = 0.0  # time spent in the blocks' AdamW steps (inside backward)
         self._handles = [p.register_post_accumulate_grad_hook(partial(self._on_grad, unit))
                          for unit in self.units for p in unit.params]
 
@@ -156,11 +146,6 @@ class StepInBackward:
         for unit in self.units:
             set_lr(unit.optimizer, multiplier)
 
-    def reset_times(self) -> PhaseTimes:
-        """Return the hook times accumulated so far and start counting again."""
-        times, self.times = self.times, PhaseTimes()
-        return times
-
     def _on_grad(self, unit: _Unit, _param: nn.Parameter) -> None:
         unit.pending -= 1
         if unit.pending == 0:
@@ -171,18 +156,16 @@ class StepInBackward:
         unit.optimizer.step()
         for p in unit.params:
             p.grad = None
-        t1 = time.perf_counter()
-        if unit.retractor is not None:
-            self.times.fallbacks += unit.retractor().fallbacks
-        self.times.optimizer += t1 - t0
-        self.times.retraction += time.perf_counter() - t1
         unit.pending = len(unit.params)
+        self.optimizer_seconds += time.perf_counter() - t0
 
-    def flush(self) -> None:
-        """Step the blocks that received only some of their gradients in the last backward."""
+    def finish(self, measure_error: bool = False) -> RetractionReport:
+        """End the step after ``backward``: update the blocks that received only some of their
+        gradients, then retract every spectral factor (an empty report without a retractor)."""
         for unit in self.units:
             if unit.pending != len(unit.params):
                 self._step(unit)
+        return self.retractor(measure_error=measure_error) if self.retractor else RetractionReport()
 
     def remove(self) -> None:
         """Detach the hooks (the model trains normally again)."""

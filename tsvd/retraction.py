@@ -126,8 +126,8 @@ class Retractor:
             mats = [p.detach() for _, p in batch]
             r = mats[0].shape[-1]
             G = mats[0].new_empty(len(mats), r, r)
-            for i, A in enumerate(mats):
-                gram(A, out=G[i])
+            for A, Gi in zip(mats, G.unbind(0)):
+                gram(A, out=Gi)
             d = drift(G).tolist()
             todo = [i for i, di in enumerate(d) if self.lazy_tol is None or not di <= self.lazy_tol]
             skipped = set(range(len(batch))) - set(todo)

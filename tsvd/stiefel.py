@@ -139,8 +139,8 @@ def orthonormalize_each(
         raise ValueError("orthonormalize_each needs a write(i, Q) callback")
     if G is None:
         G = A0.new_empty(len(As), A0.shape[1], A0.shape[1])
-        for i, A in enumerate(As):
-            gram(A, out=G[i])
+        for A, Gi in zip(As, G.unbind(0)):
+            gram(A, out=Gi)
     d = drift(G)
     if method == "householder":
         for i, A in enumerate(As):
@@ -151,11 +151,11 @@ def orthonormalize_each(
     refine = d > REFINE_DRIFT
     buf = torch.empty_like(A0, memory_format=torch.contiguous_format)
     buf2 = torch.empty_like(buf) if bool((refine & ~fallback).any()) else None
-    for i, (A, fb, rf) in enumerate(zip(As, fallback.tolist(), refine.tolist())):
+    for i, (A, Ri, fb, rf) in enumerate(zip(As, R_inv.unbind(0), fallback.tolist(), refine.tolist())):
         if fb:
             write(i, householder_qr(A)[0])
             continue
-        Q = torch.mm(A, R_inv[i], out=buf)
+        Q = torch.mm(A, Ri, out=buf)
         if rf:  # CholeskyQR2: a second pass on the nearly orthonormal first result
             _, R2_inv, ok2 = cholesky_r(gram(Q))
             if not bool(ok2):

@@ -15,6 +15,7 @@ step and train one more), ``dtype``.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import sys
@@ -56,6 +57,7 @@ def factor_errors(engine) -> dict[str, float]:
 
 
 def main(spec_path: str) -> None:
+    faulthandler.enable()  # a native abort in one rank still shows where Python was
     spec = json.loads(Path(spec_path).read_text())
     import deepspeed.comm as dist
 

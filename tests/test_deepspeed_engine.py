@@ -4,7 +4,8 @@ Each ZeRO stage gets two short launches of ``tests/ds_worker.py`` (shared by all
 a main run — 6 steps with a checkpoint after step 2, a non-finite loss on the last rank at step 4, a
 rank change (one layer 5 → 3) after step 5 and one more step — and a resumed run from the checkpoint.
 Every rank records each step; the tests below assert on the records. The single-process reference is
-``TorchEngine`` in this process, fed the same global batches.
+``TorchEngine`` in this process, fed the same global batches. Two more launches: the worker without a
+launcher (one process), and the real trainer CLI through ``launch/multi_gpu.sh`` (ZeRO-3, bf16).
 
 Tolerances. Ranks must agree *bitwise* (hashes of all parameters and Adam moments), and a resumed run
 must reproduce the uninterrupted one bitwise (same processes, same threads, same reduction order).
@@ -47,6 +48,7 @@ LOSS_RTOL = 1e-4
 ORTHO_TOL = 1e-5
 LAUNCH_TIMEOUT_S = 300
 TIMINGS: dict[str, float] = {}
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,28 +59,18 @@ def shm_files() -> set[Path]:
     return set(Path("/dev/shm").glob("deepspeed_*")) if Path("/dev/shm").is_dir() else set()
 
 
-def launch(name: str, spec: dict, tmp: Path, nproc: int = 2) -> dict:
-    """Run the worker on ``nproc`` ranks (``deepspeed`` launcher; plain ``python`` for 1) and return the
-    records rank 0 wrote. Fails with the log's tail on a non-zero exit or a timeout."""
-    from tsvd.distributed import free_port
-
-    spec = dict(spec, out=str(tmp / f"{name}.json"))
-    spec_file = tmp / f"{name}-spec.json"
-    spec_file.write_text(json.dumps(spec))
+def run_job(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd`` from the repository root in its own process group (killed whole on timeout) with the
+    test hygiene described above; fails with the log's tail on a non-zero exit or a timeout."""
     ext_dir = tmp / "torch_extensions"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(spec_file)]
-        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
-               str(WORKER), str(spec_file)]
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    full_env = dict(inherited, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir),
+                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {}))
     shm_before, log = shm_files(), tmp / f"{name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -93,6 +85,22 @@ def launch(name: str, spec: dict, tmp: Path, nproc: int = 2) -> dict:
     assert rc is not None, f"{name}: timed out after {LAUNCH_TIMEOUT_S} s\n{tail}"
     assert rc == 0, f"{name}: exit code {rc}\n{tail}"
     assert not ext_dir.exists() or not any(ext_dir.iterdir()), f"{name}: DeepSpeed JIT-built an op in {ext_dir}"
+
+
+def launch(name: str, spec: dict, tmp: Path, nproc: int = 2) -> dict:
+    """Run the worker on ``nproc`` ranks (``deepspeed`` launcher; plain ``python``, no launcher, for 1)
+    and return the records rank 0 wrote."""
+    from tsvd.distributed import free_port
+
+    spec = dict(spec, out=str(tmp / f"{name}.json"))
+    spec_file = tmp / f"{name}-spec.json"
+    spec_file.write_text(json.dumps(spec))
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), str(spec_file)]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
+               str(WORKER), str(spec_file)]
+    run_job(name, cmd, tmp)
     return json.loads(Path(spec["out"]).read_text())
 
 
@@ -115,6 +123,13 @@ def stage_config(stage: int, tmp: Path) -> str:
     out = tmp / "zero3-partition-all.json"
     out.write_text(json.dumps(cfg))
     return str(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_launch_times():
+    """After the module: how long each launch took (shown with ``pytest -s``)."""
+    yield
+    print("\n" + "\n".join(f"{name}: {seconds:.1f} s" for name, seconds in TIMINGS.items()))
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda s: f"zero{s}")
@@ -246,22 +261,30 @@ def test_single_process_without_launcher_equals_torch_engine(tmp_path):
     assert repr(got) == repr(want)  # repr: nan == nan
 
 
-def test_bf16_autocast_zero3_shipped_config(tmp_path):
-    """``configs/ds/zero3-bf16.json`` as shipped (tiny parameters stay unpartitioned: persistence path)."""
-    run = launch("zero3-bf16", {"ds_config": str(REPO / "configs/ds/zero3-bf16.json"), "steps": STEPS,
-                                "poison": POISON, "dtype": "bfloat16"}, tmp_path)
-    first, second = steps_of(run, 0), steps_of(run, 1)
-    assert [r["hash"] for r in first] == [r["hash"] for r in second]
-    losses = [r["loss"] for r in first if not r["skipped"]]
-    assert losses[-1] < losses[0] - 0.1, losses
-    assert max(r["ortho"]["work"] for r in first + second) <= ORTHO_TOL
-    assert max(r["ortho"]["master"] for r in first + second) <= ORTHO_TOL
+def test_cli_through_launch_script_bf16_zero3(tmp_path):
+    """``launch/multi_gpu.sh`` → ``deepspeed`` → ``python -m tsvd.cli train``: the trainer on 2 CPU
+    processes with the shipped ``zero3-bf16.json`` (bf16 autocast; tiny parameters stay unpartitioned,
+    the persistence path) writes checkpoints that load with ``weights_only=True``."""
+    import yaml
 
+    from conftest import tiny_raw
+    from tsvd.distributed import free_port
+    from tsvd.engine.deepspeed_engine import read_client_state
 
-def test_report_launch_times():
-    """Not a check: prints how long each launch took (``pytest -s``)."""
-    for name, seconds in TIMINGS.items():
-        print(f"{name}: {seconds:.1f} s")
+    raw = tiny_raw(tmp_path)
+    raw["train"].update(steps=4, checkpoint_interval=2, eval_interval=2, log_interval=2)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_job("cli-prepare", [sys.executable, "-m", "tsvd.cli", "prepare", str(config), "--no-progress"], tmp_path)
+    run_job("cli-zero3-bf16", ["bash", "launch/multi_gpu.sh", str(config), "--no-progress",
+                               "--set", "engine.timeout_s=60"], tmp_path,
+            env={"NUM_GPUS": "2", "ZERO": "3", "BF16": "1", "MASTER_PORT": str(free_port())})
+    run = Path(raw["out_dir"])
+    summary = json.loads((run / "summary.json").read_text())
+    meta = json.loads((run / "checkpoints/step-00000004/meta.json").read_text())
+    assert summary["step"] == 4 and summary["val_loss"] < math.log(meta["config"]["model"]["vocab_size"]), summary
+    assert meta["engine"] == "deepspeed" and set(meta["ranks"].values()) == {8}
+    assert read_client_state(run / "checkpoints/step-00000004")["step"] == 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"tsvd: training stopped: {e}", file=sys.stderr)
         return 1
-    if not math.isnan(summary.val_loss):
+    if summary.is_main and not math.isnan(summary.val_loss):
         print(f"done: step {summary.step}, val loss {summary.val_loss:.4f} "
               f"(ppl {math.exp(min(summary.val_loss, 50)):.2f}; unigram baseline {summary.unigram_loss:.4f}), "
               f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}")

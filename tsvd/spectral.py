@@ -65,7 +65,8 @@ class SpectralModule(nn.Module):
 
     @property
     def rank(self) -> int:
-        return self.s.shape[0]
+        # ZeRO-3 partitions parameters: their local shape is [0] and the full one is ``ds_shape``.
+        return getattr(self.s, "ds_shape", self.s.shape)[0]
 
     def factors(self) -> tuple[nn.Parameter, nn.Parameter]:
         """The two orthonormal factors the retraction keeps on the Stiefel manifold."""

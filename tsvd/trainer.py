@@ -30,6 +30,9 @@ from tsvd.optim import lr_multiplier
 from tsvd.spectral import SpectralModule
 
 
+DATA_WAIT_S = 3600  # how long non-zero ranks wait for rank 0 to prepare the data
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is usable."""
 
@@ -65,6 +68,7 @@ class TrainSummary:
     unigram_loss: float = math.nan
     checkpoint: str | None = None
     tokens_per_s: float = 0.0
+    is_main: bool = True  # rank 0 (the one that reports)
 
 
 def spectral_ranks(model: torch.nn.Module) -> dict[str, int]:
@@ -104,8 +108,7 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.resume_from = self._find_resume(resume)
 
-        if not (Path(cfg.data.dir) / "meta.json").is_file():
-            prepare_data(cfg.data, progress=progress)
+        self._ensure_data(progress)
         self.data = load_data(cfg.data.dir)
         vocab = self.data.meta.vocab_size
         if cfg.model.vocab_size == 0:
@@ -119,9 +122,9 @@ class Trainer:
         if meta is not None:
             self._check_compatible(meta)
             set_ranks_for_loading(model, meta.get("ranks", {}))
+        self.controller = self._build_controller(model)  # shapes read before ZeRO-3 partitions them
         self.engine = build_engine(cfg, model)
         self.model = self.engine.model
-        self.controller = self._build_controller()
         self.sampler = BatchSampler(self.data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
         self.val = val_batches(self.data.val, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches)
         self.step = 0
@@ -157,19 +160,35 @@ class Trainer:
         if sorted(saved.get("spectral", {}).get("targets", [])) != sorted(mine["spectral"]["targets"]):
             raise UserError(f"model.spectral.targets: differ from the checkpoint {self.resume_from}")
 
-    def _build_controller(self):
+    def _ensure_data(self, progress: bool) -> None:
+        """Prepare ``data.dir`` if it holds no dataset — on global rank 0 only; other ranks of a
+        launcher job (before any process group exists) wait for its ``meta.json``."""
+        meta = Path(self.cfg.data.dir) / "meta.json"
+        if meta.is_file():
+            return
+        if int(os.environ.get("RANK", "0")) == 0:
+            prepare_data(self.cfg.data, progress=progress)
+            return
+        deadline = time.monotonic() + self.cfg.engine.timeout_s + DATA_WAIT_S
+        while not meta.is_file():
+            if time.monotonic() > deadline:
+                raise UserError(f"data.dir: {self.cfg.data.dir} was not prepared by rank 0 in time; "
+                                "run `tsvd prepare` before launching")
+            time.sleep(1.0)
+
+    def _build_controller(self, model: torch.nn.Module):
         if self.cfg.rank.policy == "static":
             return None
         from tsvd.controller import RankController
 
-        layers = {n: (m.U.shape[0], m.V.shape[0]) for n, m in self.model.named_modules()
+        layers = {n: (m.U.shape[0], m.V.shape[0]) for n, m in model.named_modules()
                   if isinstance(m, SpectralModule)}
         return RankController(self.cfg.rank, layers)
 
     # ---------------------------------------------------------------- the loop
     def fit(self, stop_at: int | None = None) -> TrainSummary:
         """Train until ``cfg.train.steps`` (or until ``stop_at``, as if interrupted there)."""
-        t, summary = self.cfg.train, TrainSummary(step=self.step)
+        t, summary = self.cfg.train, TrainSummary(step=self.step, is_main=self.engine.is_main)
         last = t.steps if stop_at is None else min(stop_at, t.steps)
         if self.engine.is_main:
             summary.unigram_loss = unigram_loss(self.data.train, self.data.val, self.data.meta.vocab_size)

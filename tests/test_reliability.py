@@ -1,14 +1,16 @@
-"""Reliability guarantees of a training run (docs/reliability.md lists each one and its test here).
+"""Reliability guarantees of a training run (docs/reliability.md lists each one and its test).
 
-- exact resume after ``SIGKILL`` of ``python -m tsvd.cli train`` (with rank changes before the kill);
+- Ctrl-C checkpoints only at a step boundary; exact resume after ``SIGKILL`` of ``python -m tsvd.cli
+  train`` (rank changes before and after the kill), and of a two-process DeepSpeed run;
 - numeric guards: a non-finite ``s`` after an update is not accepted, N bad steps stop the run (CLI
   exit 1) with a usable checkpoint, an orthonormality error beyond tolerance is repaired (Householder);
 - untrusted files: a malicious pickle in a checkpoint is refused, never executed; every ``torch.load``
-  in the package is ``weights_only=True``.
+  in the package is ``weights_only=True``; exports hold no pickles;
+- distributed failure: a hung rank ends the job after ``engine.timeout_s``, a killed rank at once.
 
 Every run is tiny (tests/conftest.py) with ``train.threads=1``: several test sessions share two cores,
-and two threads per process made steps ~100× slower under that load. Child processes get their own
-process group and are killed whole on timeout.
+and two threads per process made steps ~100× slower under that load. Child processes run in their own
+session and their whole process tree is killed on return or timeout (tests/killable.py).
 """
 
 from __future__ import annotations
@@ -19,26 +21,23 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import tsvd
-from tsvd import checkpoint as ckpt
-from tsvd import stiefel
-from tsvd.retraction import Retractor, repair_tolerance, spectral_factors
-from tsvd.stiefel import orthonormality_error
-from tsvd.cli import main
-from tsvd.engine import torch_engine
-from tsvd.errors import UserError
-from tsvd.trainer import Trainer
-
 from conftest import tiny_raw
 from killable import kill_when_blocked, launch, run_cli, write_config
+from tsvd import checkpoint as ckpt
+from tsvd import stiefel
+from tsvd.cli import main
+from tsvd.config import load_config
+from tsvd.engine import torch_engine
+from tsvd.errors import UserError
+from tsvd.retraction import Retractor, repair_tolerance, spectral_factors
+from tsvd.stiefel import orthonormality_error
+from tsvd.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("train.threads=1",)
@@ -245,15 +244,9 @@ def test_consecutive_bad_steps_stop_the_cli_with_exit_1(tmp_path, monkeypatch, c
     assert len(events(tmp_path / "run", "bad_step")) == 3
 
     monkeypatch.undo()
-    resumed = Trainer(tiny_config_from(config), progress=False)
+    resumed = Trainer(load_config(config), progress=False)
     assert resumed.step == 5 and all(bool(torch.isfinite(p).all()) for p in resumed.model.parameters())
     resumed.close()
-
-
-def tiny_config_from(path: Path):
-    from tsvd.config import load_config
-
-    return load_config(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,15 +74,21 @@ def plan(smoke: bool) -> tuple[list[Run], list[str]]:
     energy = tsvd + rank_sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05",
                                   "rank.tail_fraction=0.1", "rank.growth_factor=1.5", "rank.min_rank=4",
                                   f"rank.max_rank={rmax}", "rank.max_shrink=0.5", "rank.hysteresis=0.05"]
+    budget = tsvd + rank_sched + ["rank.policy=budget", "rank.growth_factor=1.5", "rank.min_rank=4",
+                                  f"rank.max_rank={rmax}", "rank.max_shrink=0.5", "rank.hysteresis=0.05",
+                                  "rank.grow_directions=gradient"]
+    initial = _initial_spectral_params(common, rank)
     runs = [Run(f"dense-lr{v:g}", "dense", f"dense, lr {v:g}", [f"train.lr={v}"]) for v in lrs]
     runs += [
         Run("sct-static", "sct", f"SCT static r={rank} (init sct, Householder)", sct),
         Run("tsvd-energy", "tsvd", f"TSVD adaptive, energy τ=0.95 / grow_tail 0.05, from r={rank}, gradient growth",
             energy + ["rank.grow_directions=gradient"]),
         Run("tsvd-budget", "tsvd", f"TSVD budget = SCT's parameter count, from r={rank}",
-            tsvd + rank_sched + ["rank.policy=budget", "rank.budget_params=0", "rank.growth_factor=1.5",
-                                 "rank.min_rank=4", f"rank.max_rank={rmax}", "rank.max_shrink=0.5",
-                                 "rank.hysteresis=0.05", "rank.grow_directions=gradient"]),
+            budget + ["rank.budget_params=0"]),
+        # The budget controller overshoots its budget when a layer that just grew may not shrink (see
+        # docs/results.md); this run asks for 7% less so that its *average* matches SCT's count.
+        Run("tsvd-budget-matched", "tsvd", f"TSVD budget = 0.93 × SCT's count (average ≈ SCT's), from r={rank}",
+            budget + [f"rank.budget_params={round(0.93 * initial)}"]),
         Run("tsvd-energy-t99", "tsvd", f"TSVD adaptive, energy τ=0.99 / grow_tail 0.1 (variant 2), from r={rank}",
             energy + ["rank.energy=0.99", "rank.grow_tail=0.1", "rank.grow_directions=gradient"]),
         Run("sct-static-cholesky", "ablation", "ablation: SCT static, Cholesky-QR retraction",
@@ -93,6 +99,15 @@ def plan(smoke: bool) -> tuple[list[Run], list[str]]:
             tsvd + ["rank.policy=static"]),
     ]
     return runs, common
+
+
+def _initial_spectral_params(common: list[str], rank: int) -> int:
+    """Spectral parameters of the blocks' projections at ``rank`` (what SCT static trains)."""
+    from tsvd.config import layer_shapes, load_config
+
+    m = load_config(BASE, common).model
+    shapes = layer_shapes(m)
+    return m.n_layers * sum(rank * (shapes[p][0] + shapes[p][1] + 1) for p in ("q", "k", "v", "o", "gate", "up", "down"))
 
 
 # ------------------------------------------------------------------------------------ running

@@ -270,7 +270,12 @@ class Trainer:
             return contextlib.nullcontext()
         from tsvd.sketch import GradientSketch
 
-        return GradientSketch(self.model, generator=torch.Generator().manual_seed(self.cfg.seed + self.step))
+        # Sketch only the layers the coming decision is about to grow (a dry run of the plan).
+        width = self.controller.sketch_width(self.step + 1, self.engine.spectra())
+        if not width:
+            return contextlib.nullcontext()
+        return GradientSketch(self.model, width=width,
+                              generator=torch.Generator().manual_seed(self.cfg.seed + self.step))
 
     def _change_ranks(self, sketch) -> None:
         plan = self.controller.plan(self.step, self.engine.spectra())

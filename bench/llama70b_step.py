@@ -151,9 +151,6 @@ def run_path(args: argparse.Namespace) -> dict:
             f"{k} {row[k]:.3f} s" for k in ("forward", "backward", "optimizer", "retraction", "total"))
             + f", loss {row['loss']:.3f}, peak RSS {row['rss_gb']:.2f} GB", file=sys.stderr, flush=True)
 
-    steady = rows[1:] or rows
-    med = {k: statistics.median(r[k] for r in steady) for k in ("forward", "backward", "optimizer", "retraction")}
-    med["step"] = statistics.median(r["total"] for r in steady)
     counts = count_params(model)
     return {
         "path": path,
@@ -163,13 +160,24 @@ def run_path(args: argparse.Namespace) -> dict:
         "init_s": init_s,
         "rss_after_init_gb": rss_init,
         "peak_rss_gb": peak_rss_gb(),
-        "median": med,
-        "retraction_share": med["retraction"] / med["step"],
         "ortho_error": max_orthonormality_error(model),
         "steps": rows,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def combine(runs: list[dict]) -> dict:
+    """One path over its runs: per-phase medians over every steady-state step (each run's first step
+    is skipped), the largest peak RSS and orthonormality error, the median init time."""
+    steady = [row for r in runs for row in (r["steps"][1:] or r["steps"])]
+    med = {k: statistics.median(row[k] for row in steady) for k in ("forward", "backward", "optimizer", "retraction")}
+    med["step"] = statistics.median(row["total"] for row in steady)
+    out = dict(runs[-1], runs=runs, steady_steps=len(steady), median=med, retraction_share=med["retraction"] / med["step"])
+    out.update(peak_rss_gb=max(r["peak_rss_gb"] for r in runs), ortho_error=max(r["ortho_error"] for r in runs),
+               init_s=statistics.median(r["init_s"] for r in runs))
+    out.pop("steps")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,8 +230,8 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
     lines = []
     first = next(iter(results.values()))
     lines.append(f"model: {first['params']:,} params ({first['spectral_params']:,} spectral), "
-                 f"{first['factors']} factors; batch {args.batch} x {args.seq_len} tokens; "
-                 f"medians over steps 2..{args.steps}; GB = 1e9 bytes")
+                 f"{first['factors']} factors; batch {args.batch} x {args.seq_len} tokens; {args.repeat} run(s) per "
+                 f"path, medians over steps 2..{args.steps} of each run (each column its own median); GB = 1e9 bytes")
     head = f"{'path':<12}" + "".join(f"{p:>12}" for p in PHASES) + f"{'retr.share':>11}{'peak RSS':>10}" \
            f"{'ortho err':>11}{'init':>8}"
     lines += [head, "-" * len(head)]
@@ -264,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="steps per path; medians skip the first")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=1, help="fresh runs per path, interleaved across paths")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override, e.g. --set model.dim=256 (repeatable)")
@@ -284,12 +293,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']:.1f} GB RAM; "
           f"python {info['python']}, torch {info['torch']}, {args.threads} threads; {info['platform']}")
     print(f"load average at start: {load_avg()}", flush=True)
-    results = {}
-    for path in paths:
-        start = time.perf_counter()
-        results[path] = run_child(args, path)
-        print(f"  {path}: done in {time.perf_counter() - start:.0f} s (load average {load_avg()})", flush=True)
+    runs: dict[str, list[dict]] = {p: [] for p in paths}
+    for rep in range(args.repeat):  # interleaved (ABC CBA …) so that load drifts hit every path alike
+        for path in paths if rep % 2 == 0 else paths[::-1]:
+            start = time.perf_counter()
+            run = run_child(args, path)
+            run["load_avg"] = load_avg()
+            runs[path].append(run)
+            print(f"  {path}: done in {time.perf_counter() - start:.0f} s (load average {run['load_avg']})", flush=True)
     print(f"load average at end: {load_avg()}")
+    results = {p: combine(rs) for p, rs in runs.items()}
     for line in report(results, args):
         print(line)
     if args.json:

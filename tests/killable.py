@@ -139,7 +139,7 @@ def launch(args: list[str], workdir: Path, block: str = "", nproc: int = 1, time
     ready, log = workdir / f"ready-{tag}", workdir / f"{tag}.log"
     script = str(child_script(workdir))
     cmd = [sys.executable, script, *args] if nproc == 1 else \
-        ["torchrun", "--standalone", "--nproc_per_node", str(nproc), script, *args]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args]
     env = child_env(TSVD_TEST_BLOCK=block or "none:0", TSVD_TEST_READY=str(ready))
     if nproc > 1:  # CPU ranks (gloo); a JIT build of a DeepSpeed op would land in workdir, not in ~/.cache
         env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(workdir / "torch_extensions"))

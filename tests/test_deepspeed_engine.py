@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ds_common  # noqa: E402
 
-pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ds_worker.py"
@@ -98,7 +97,7 @@ def launch(name: str, spec: dict, tmp: Path, nproc: int = 2) -> dict:
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), str(spec_file)]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
                str(WORKER), str(spec_file)]
     run_job(name, cmd, tmp)
     return json.loads(Path(spec["out"]).read_text())

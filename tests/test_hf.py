@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import transformers  # noqa: E402  (after HF_HUB_OFFLINE: read at import)
 
 from tsvd import checkpoint as ckpt  # noqa: E402
 from tsvd.cli import main  # noqa: E402

@@ -125,7 +125,16 @@ def test_trainer_logs_repairs(tiny_config, sloppy_cholesky):
 # Interrupts (Ctrl-C): a checkpoint is only ever taken at a step boundary
 
 
-def test_interrupt_checkpoints_only_at_a_step_boundary(tiny_config, tmp_path, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's default Ctrl-C handler for the test. A process started in the background (nohup, `&`,
+    some CI runners) inherits SIGINT ignored, and the trainer then rightly leaves SIGINT alone."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_interrupt_checkpoints_only_at_a_step_boundary(tiny_config, tmp_path, monkeypatch, default_sigint):
     """Ctrl-C inside a step (here: right after the optimizer update) must not publish that half-done
     state; the first Ctrl-C is deferred to the end of the step, which is then checkpointed. Either way
     the resumed run reproduces the uninterrupted one bitwise."""

@@ -64,7 +64,9 @@ def run_job(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = N
     ext_dir = tmp / "torch_extensions"
     inherited = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     full_env = dict(inherited, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir),
-                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {}))
+                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                    **(env or {}))
     shm_before, log = shm_files(), tmp / f"{name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fh:

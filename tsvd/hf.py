@@ -602,47 +602,63 @@ class FinetuneResult:
     max_drift: float  # largest ‖AᵀA − I‖_F a step left before its retraction
 
 
+class FineTuner:
+    """One optimizer step at a time on a model with spectral layers (HF or a tsvd ``Transformer``).
+
+    AdamW over tsvd's per-component groups (``train.spectral_lr`` for ``U``/``V``, ``train.core_lr``
+    for ``s``, ``train.lr`` for dense weights; frozen parameters are skipped), the warmup + cosine
+    schedule of ``train``, gradient clipping, and a retraction of every factor after every step.
+    """
+
+    def __init__(self, model: nn.Module, train: TrainConfig) -> None:
+        self.model, self.train = model, train
+        self.device = next(model.parameters()).device
+        self.optimizer = build_adamw(model, train, self.device)
+        self.retractor = Retractor(model, train.retraction, train.lazy_tol)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps_done = 0
+
+    def step(self, micro_batches: Sequence[tuple[Tensor, Tensor]]) -> tuple[float, float, float]:
+        """Forward/backward over the micro-batches, clip, AdamW, retract. Returns
+        ``(mean loss, retraction seconds, max factor drift before the retraction)``; a non-finite
+        loss skips the update."""
+        self.model.train()
+        set_lr(self.optimizer, lr_multiplier(self.steps_done, self.train))
+        total = 0.0
+        for x, y in micro_batches:
+            logits = lm_logits(self.model, x.to(self.device))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+            (loss / len(micro_batches)).backward()
+            total += float(loss.detach()) / len(micro_batches)
+        if self.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
+        if math.isfinite(total):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        report = self.retractor()
+        self.steps_done += 1
+        return total, report.seconds, report.max_drift
+
+
 def finetune(model: nn.Module, tokens: Tensor, train: TrainConfig, *, seed: int = 0,
              callback: Callable[[int, float, float], None] | None = None) -> FinetuneResult:
-    """Fine-tune ``model`` (HF with spectral layers, or a tsvd ``Transformer``) on random windows of a
-    1-D token tensor: AdamW with tsvd's per-component groups (``train.spectral_lr`` for ``U``/``V``,
-    ``train.core_lr`` for ``s``, ``train.lr`` for dense weights; frozen parameters are skipped), warmup +
-    cosine schedule, gradient clipping, and a retraction of every factor after every step.
-
-    Uses ``train.steps``, ``batch_size``, ``seq_len``, ``grad_accum``, the lrs, weight decays, betas,
-    ``eps``, ``warmup_steps``, ``min_lr_ratio``, ``grad_clip``, ``retraction``, ``lazy_tol``.
-    ``callback(step, loss, seconds)`` runs after every step.
-    """
+    """Fine-tune ``model`` for ``train.steps`` steps (``FineTuner``) on random windows of a 1-D token
+    tensor (``train.batch_size × train.seq_len``, ``train.grad_accum`` micro-batches per step).
+    ``callback(step, loss, seconds)`` runs after every step; the model is left in eval mode."""
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    optimizer = build_adamw(model, train, device)
-    retractor = Retractor(model, train.retraction, train.lazy_tol)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    tuner = FineTuner(model, train)
     losses: list[float] = []
     t_start, t_retract, max_drift = time.perf_counter(), 0.0, 0.0
     try:
         for step in range(train.steps):
             t0 = time.perf_counter()
-            set_lr(optimizer, lr_multiplier(step, train))
-            total = 0.0
-            for _ in range(train.grad_accum):
-                x, y = sample_batch(tokens, train.batch_size, train.seq_len, gen)
-                logits = lm_logits(model, x.to(device))
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
-                (loss / train.grad_accum).backward()
-                total += float(loss.detach()) / train.grad_accum
-            if train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-            if math.isfinite(total):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            report = retractor()
-            t_retract += report.seconds
-            max_drift = max(max_drift, report.max_drift)
-            losses.append(total)
+            micro = [sample_batch(tokens, train.batch_size, train.seq_len, gen) for _ in range(train.grad_accum)]
+            loss, retract_s, drift_ = tuner.step(micro)
+            t_retract += retract_s
+            max_drift = max(max_drift, drift_)
+            losses.append(loss)
             if callback is not None:
-                callback(step + 1, total, time.perf_counter() - t0)
+                callback(step + 1, loss, time.perf_counter() - t0)
     finally:
         model.eval()
     return FinetuneResult(losses, time.perf_counter() - t_start, t_retract, max_drift)

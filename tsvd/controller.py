@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
-import torch
 from torch import Tensor
 
 from tsvd.config import RankConfig

@@ -120,6 +120,7 @@ def run_path(args: argparse.Namespace) -> dict:
         x = window[:-1].view(args.batch, args.seq_len)
         y = window[1:].view(args.batch, args.seq_len)
         row: dict = {}
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         _, loss = model(x, y)
         t1 = time.perf_counter()
@@ -145,11 +146,13 @@ def run_path(args: argparse.Namespace) -> dict:
                         p.copy_(householder_qr(p)[0])
             t4 = time.perf_counter()
             row.update(backward=t2 - t1, optimizer=t3 - t2, retraction=t4 - t3)
-        row.update(step=step + 1, forward=t1 - t0, total=t4 - t0, loss=float(loss.detach()), rss_gb=peak_rss_gb())
+        row.update(step=step + 1, forward=t1 - t0, total=t4 - t0, loss=float(loss.detach()), rss_gb=peak_rss_gb(),
+                   page_faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
         rows.append(row)
         print(f"  [{path}] step {step + 1}: " + ", ".join(
             f"{k} {row[k]:.3f} s" for k in ("forward", "backward", "optimizer", "retraction", "total"))
-            + f", loss {row['loss']:.3f}, peak RSS {row['rss_gb']:.2f} GB", file=sys.stderr, flush=True)
+            + f", loss {row['loss']:.3f}, peak RSS {row['rss_gb']:.2f} GB, {row['page_faults']} page faults",
+            file=sys.stderr, flush=True)
 
     counts = count_params(model)
     return {

@@ -7,6 +7,7 @@ it partitions them over two ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,7 @@ VOCAB, DIM, FFN, SEQ = 37, 24, 35, 8
 BATCH, GRAD_ACCUM = 4, 2  # global rows per micro-batch, micro-batches per step
 SHRUNK = "layers.0.mlp.up"  # the layer the rank-change test shrinks (apply_rank_change)
 GROWN = "layers.0.mlp.gate"  # the layer it grows (apply_rank_plan)
+POISONED_S = "layers.0.attn.q"  # the layer whose s an update makes non-finite (poison_s)
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -72,3 +74,56 @@ def broadcast_list(engine, value: list | None) -> list:
     box = [value]
     dist.broadcast_object_list(box, 0)
     return box[0]
+
+
+@contextlib.contextmanager
+def poison_s(engine, enabled: bool = True):
+    """While active, every optimizer update writes an infinity into element 0 of ``POISONED_S``'s fp32
+    ``s`` — where the optimizer keeps it: the parameter itself (``TorchEngine``, ZeRO-0), or the one
+    rank's partition that holds element 0 (ZeRO 1–3), so the other ranks see it only through ZeRO."""
+    if not enabled:
+        yield
+        return
+    s = engine.model.get_submodule(POISONED_S).s
+    stage = getattr(engine, "stage", 0)
+
+    def hook(optimizer, args, kwargs) -> None:
+        if stage == 0:
+            s.data[0] = math.inf
+        elif stage in (1, 2):
+            mapping = s._hp_mapping
+            if mapping is not None and mapping.lp_fragment_address.start == 0:
+                mapping.hp_fragment.data[0] = math.inf
+        elif engine.rank == 0:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            safe_get_local_fp32_param(s).data[0] = math.inf
+
+    optimizer = engine._base_optimizer() if stage else engine.optimizer
+    handle = optimizer.register_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def sloppy_retraction(enabled: bool = True):
+    """While active, every Cholesky-QR result is slightly non-orthonormal (R⁻¹ scaled by 1 + 1e-3): a
+    stand-in for a retraction gone wrong, which a measured retraction must repair (Householder QR)."""
+    if not enabled:
+        yield
+        return
+    from tsvd import stiefel
+
+    real = stiefel.cholesky_r
+
+    def sloppy(G):
+        R, R_inv, ok = real(G)
+        return R, R_inv * (1 + 1e-3), ok
+
+    stiefel.cholesky_r = sloppy
+    try:
+        yield
+    finally:
+        stiefel.cholesky_r = real

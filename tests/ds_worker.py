@@ -9,8 +9,10 @@ collective; the test asserts on the written records.
 
 Spec keys: ``ds_config`` (path), ``steps``, ``start`` (first step index), ``save_at`` (step index
 after which to save, into ``save_dir``), ``resume`` (checkpoint directory to load first), ``poison``
-(step whose loss rank ``world−1`` turns infinite), ``rank_change`` (shrink a layer after the last
-step and train one more), ``dtype``.
+(step whose loss rank ``world−1`` turns infinite), ``poison_s`` (step whose optimizer update leaves
+an infinity in one ``s``: ``ds_common.poison_s``), ``sloppy`` (step whose Cholesky-QR results are off, so
+the measured retraction must repair them: ``ds_common.sloppy_retraction``), ``rank_change`` (shrink a
+layer after the last step and train one more), ``dtype``.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def main(spec_path: str) -> None:
         records.append({"event": "resumed", "client_state": client})
     for step in range(spec.get("start", 0), spec["steps"]):
         engine.model.poison = step == spec.get("poison") and engine.rank == engine.world_size - 1
-        res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
+        with ds_common.poison_s(engine, step == spec.get("poison_s")), \
+                ds_common.sloppy_retraction(step == spec.get("sloppy")):
+            res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step),
+                                    measure=step == spec.get("sloppy"))
         records.append(step_record(engine, step, res))
         if step == spec.get("save_at"):
             engine.save(Path(spec["save_dir"]), {"step": step + 1, "ranks": {ds_common.SHRUNK: 5}})
@@ -93,10 +98,15 @@ def main(spec_path: str) -> None:
 
 def step_record(engine, step: int, res) -> dict:
     state = engine.gather_training_state()
-    return {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped,
-            "retracted": len(res.retraction.retracted), "lrs": state.lrs, "adam_step": state.adam_step,
-            "counters": state.counters, "ortho": factor_errors(engine), "hash": param_hash(state.params),
-            "moments_hash": param_hash({f"{n}.{k}": t for n, m in state.moments.items() for k, t in m.items()})}
+    cores = {n for n in state.params if n.endswith(".s")}
+    return {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "reason": res.reason,
+            "retracted": len(res.retraction.retracted), "repaired": res.retraction.repaired, "lrs": state.lrs,
+            "adam_step": state.adam_step, "counters": state.counters, "ortho": factor_errors(engine),
+            "hash": param_hash(state.params),
+            "moments_hash": param_hash({f"{n}.{k}": t for n, m in state.moments.items() for k, t in m.items()}),
+            "cores_hash": param_hash({n: state.params[n] for n in cores}),
+            "cores_moments_hash": param_hash({f"{n}.{k}": t for n, m in state.moments.items() if n in cores
+                                              for k, t in m.items()})}
 
 
 def rank_change_record(engine) -> dict:

@@ -1,8 +1,9 @@
 """DeepSpeedEngine on CPU: ZeRO 0–3 through the real ``deepspeed`` launcher, two processes (gloo).
 
 Each ZeRO stage gets two short launches of ``tests/ds_worker.py`` (shared by all tests of that stage):
-a main run — 6 steps with a checkpoint after step 2, a non-finite loss on the last rank at step 4, a
-rank change (one layer 5 → 3) after step 5 and one more step — and a resumed run from the checkpoint.
+a main run — 6 steps with a sloppy retraction to repair at step 1, a checkpoint after step 2, an
+update that leaves one ``s`` infinite at step 3, a non-finite loss on the last rank at step 4, a rank
+change (one layer 5 → 3) after step 5 and one more step — and a resumed run from the checkpoint.
 Every rank records each step; the tests below assert on the records. The single-process reference is
 ``TorchEngine`` in this process, fed the same global batches. Two more launches: the worker without a
 launcher (one process), and the real trainer CLI through ``launch/multi_gpu.sh`` (ZeRO-3, bf16).
@@ -43,6 +44,7 @@ import ds_common  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ds_worker.py"
 STEPS, SAVE_AT, POISON = 6, 2, 4
+SLOPPY, POISON_S = 1, 3  # a retraction to repair at step 1, an update making one s infinite at step 3
 LOSS_RTOL = 1e-4
 ORTHO_TOL = 1e-5
 LAUNCH_TIMEOUT_S = 300
@@ -114,14 +116,16 @@ def event(run: dict, name: str, rank: int = 0) -> dict:
 
 
 def stage_config(stage: int, tmp: Path) -> str:
-    """The shipped JSON; for ZeRO-3 with ``stage3_param_persistence_threshold: 0`` so that even this
-    toy model's parameters are really partitioned (the odd-size padding path is exercised)."""
+    """The shipped JSON; for ZeRO-3 with ``stage3_param_persistence_threshold: 10``, so that this toy
+    model's matrices are really partitioned (the odd-size padding path is exercised) while the ``s``
+    vectors (5 and 7 values) stay persistent — full on every rank besides their partition — as small
+    parameters do at real sizes with the default threshold."""
     path = REPO / "configs" / "ds" / f"zero{stage}.json"
     if stage != 3:
         return str(path)
     cfg = json.loads(path.read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    out = tmp / "zero3-partition-all.json"
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 10
+    out = tmp / "zero3-partition-matrices.json"
     out.write_text(json.dumps(cfg))
     return str(out)
 
@@ -138,7 +142,8 @@ def stage_runs(request, tmp_path_factory) -> tuple[int, dict, dict]:
     """(stage, main run, resumed run) — launched once per stage for all tests below."""
     stage = request.param
     tmp = tmp_path_factory.mktemp(f"zero{stage}")
-    common = {"ds_config": stage_config(stage, tmp), "steps": STEPS, "poison": POISON}
+    common = {"ds_config": stage_config(stage, tmp), "steps": STEPS, "poison": POISON, "poison_s": POISON_S,
+              "sloppy": SLOPPY}
     main = launch(f"zero{stage}-main", dict(common, save_at=SAVE_AT, save_dir=str(tmp / "ckpt"), rank_change=True), tmp)
     resumed = launch(f"zero{stage}-resume", dict(common, resume=str(tmp / "ckpt"), start=SAVE_AT + 1), tmp)
     return stage, main, resumed
@@ -146,7 +151,8 @@ def stage_runs(request, tmp_path_factory) -> tuple[int, dict, dict]:
 
 @functools.cache
 def reference() -> list[dict]:
-    """``TorchEngine`` (one process) on the same global batches, with the same poisoned step."""
+    """``TorchEngine`` (one process) on the same global batches, with the same poisoned steps and the same
+    sloppy retraction."""
     from tsvd.engine.torch_engine import TorchEngine
 
     cfg = ds_common.make_config()
@@ -157,8 +163,11 @@ def reference() -> list[dict]:
         out = []
         for step in range(STEPS):
             engine.model.poison = step == POISON
-            res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
-            out.append({"loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped})
+            with ds_common.poison_s(engine, step == POISON_S), ds_common.sloppy_retraction(step == SLOPPY):
+                res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step),
+                                        measure=step == SLOPPY)
+            out.append({"loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "reason": res.reason,
+                        "repaired": res.retraction.repaired})
     finally:
         torch.set_num_threads(threads)
     return out
@@ -217,6 +226,38 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(stage_runs):
         assert not steps[POISON + 1]["skipped"]
 
 
+def test_non_finite_s_after_the_update_is_discarded_on_every_rank(stage_runs):
+    """One rank's fp32 master of one ``s`` turns infinite in the update (ZeRO 1–3: only the rank holding
+    it): every rank skips the step alike — every ``s`` and its moments as before, the factors updated and
+    orthonormal, AdamW's step count advanced — and names the layer, as ``TorchEngine`` does."""
+    _, main, _ = stage_runs
+    expected = reference()[POISON_S]["reason"]
+    assert expected.startswith(f"non-finite s after the update in {ds_common.POISONED_S}:")
+    for rank in range(main["world_size"]):
+        steps = steps_of(main, rank)
+        bad, before = steps[POISON_S], steps[POISON_S - 1]
+        assert bad["skipped"] and math.isfinite(bad["loss"]) and bad["reason"] == expected
+        assert bad["cores_hash"] == before["cores_hash"] and bad["cores_moments_hash"] == before["cores_moments_hash"]
+        assert bad["hash"] != before["hash"] and bad["moments_hash"] != before["moments_hash"]
+        assert bad["adam_step"] == before["adam_step"] + 1
+        assert bad["ortho"]["work"] <= ORTHO_TOL and bad["ortho"]["master"] <= ORTHO_TOL
+
+
+def test_repairs_are_reported_on_every_rank(stage_runs):
+    """A measured retraction whose error exceeds the tolerance is repaired by the factor's owner, and every
+    rank's report lists every repaired factor (the trainer logs them), as ``TorchEngine``'s does."""
+    _, main, _ = stage_runs
+    from tsvd.retraction import spectral_factors
+
+    names = sorted(spectral_factors(ds_common.tiny_model()))
+    assert sorted(reference()[SLOPPY]["repaired"]) == names
+    for rank in range(main["world_size"]):
+        step = steps_of(main, rank)[SLOPPY]
+        assert sorted(step["repaired"]) == names
+        assert step["ortho"]["work"] <= ORTHO_TOL and step["ortho"]["master"] <= ORTHO_TOL
+        assert all(not s["repaired"] for s in steps_of(main, rank) if s["step"] != SLOPPY)
+
+
 def test_resume_reproduces_the_uninterrupted_run_bitwise(stage_runs):
     _, main, resumed = stage_runs
     assert event(resumed, "resumed")["client_state"] == {"step": SAVE_AT + 1, "ranks": {ds_common.SHRUNK: 5}}
@@ -254,8 +295,8 @@ def test_rank_change_keeps_moments_and_counters_and_growth_keeps_the_loss(stage_
 
 def test_single_process_without_launcher_equals_torch_engine(tmp_path):
     """``python worker.py`` (no launcher, world size 1, ZeRO-0) follows ``TorchEngine`` bitwise."""
-    run = launch("single", {"ds_config": str(REPO / "configs/ds/zero0.json"), "steps": STEPS, "poison": POISON},
-                 tmp_path, nproc=1)
+    run = launch("single", {"ds_config": str(REPO / "configs/ds/zero0.json"), "steps": STEPS, "poison": POISON,
+                            "poison_s": POISON_S, "sloppy": SLOPPY}, tmp_path, nproc=1)
     assert run["world_size"] == 1
     got = [(r["loss"], r["grad_norm"], r["skipped"]) for r in steps_of(run)]
     want = [(r["loss"], r["grad_norm"], r["skipped"]) for r in reference()]

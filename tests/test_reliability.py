@@ -211,9 +211,10 @@ def test_non_finite_s_after_the_update_is_not_accepted(tiny_config):
     handle = poison_s_in_updates(opt, target)
     trainer.fit(stop_at=3)
     handle.remove()
-    for c, b, st in zip(cores, before, state_before):  # every s and its Adam state as before the step
+    for c, b, st in zip(cores, before, state_before):  # every s and its Adam moments as before the step
         assert torch.equal(c, b)
-        assert all(torch.equal(opt.state[c][k], v) for k, v in st.items())
+        assert all(torch.equal(opt.state[c][k], st[k]) for k in ("exp_avg", "exp_avg_sq"))
+        assert int(opt.state[c]["step"]) == int(st["step"]) + 1 == int(opt.state[trainer.model.layers[0].attn.q.U]["step"])
     for name, p in spectral_factors(trainer.model).items():  # the factors took their step, retracted
         assert not torch.equal(p, factors_before[name]) and float(orthonormality_error(p)) <= 1e-5, name
     bad = events(cfg.out_dir, "bad_step")

@@ -60,6 +60,7 @@ class FactorCache:
     householder: bool = False  # the last retraction fell back to Householder QR
     skipped: bool = False  # lazy mode left it alone (drift ≤ tolerance)
     error: float | None = None  # ‖QᵀQ − I‖_F after the last retraction, when measured
+    repaired: bool = False  # the last retraction's error exceeded the tolerance: re-done by Householder QR
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Retractor:
                 name = batch[i][0]
                 c = self.cache[name]
                 c.householder = bool(info.householder[k]) and self.method == "cholesky"
+                c.repaired = False
                 report.retracted.append(name)
                 if c.householder:
                     report.fallbacks.append(name)
@@ -167,7 +169,7 @@ class Retractor:
             Q = householder_qr(p.detach())[0]
             write(name, p, Q)
             c.error = float(drift(gram(Q.double())))
-            c.householder = True
+            c.householder = c.repaired = True
             report.repaired.append(name)
             if name not in report.fallbacks:
                 report.fallbacks.append(name)

@@ -62,6 +62,7 @@ from tsvd import distributed
 from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
+from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
 from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
@@ -243,6 +244,12 @@ def zero3_local_slice(p: nn.Parameter, full: Tensor) -> Tensor:
     return padded.narrow(0, n * dist.get_rank(group=group), n)
 
 
+def zero3_valid_part(p: nn.Parameter) -> Tensor:
+    """This rank's ZeRO-3 partition of ``p`` without the zero padding past the parameter's end."""
+    n, rank = p.ds_tensor.numel(), dist.get_rank(group=p.ds_process_group)
+    return p.ds_tensor.reshape(-1).narrow(0, 0, max(0, min(n, full_numel(p) - n * rank)))
+
+
 def weights_only_loader(path: str, map_location=None) -> dict:
     """``torch.load`` with ``weights_only=True`` for DeepSpeed's checkpoint files (no code runs on load).
     A file holding anything else (a hostile or foreign pickle) is refused with a ``UserError`` naming it."""
@@ -371,9 +378,48 @@ class DeepSpeedEngine(Engine):
             self.engine.backward(loss)
             if i < last:
                 self.engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
+        before = CoreSnapshot.take(self._core_tensors(), self._base_optimizer())
         grad_norm, skipped = self._optimizer_step()
-        report = RetractionReport() if skipped else self._retract(measure)
-        return StepResult(mean_loss, grad_norm, skipped, report)
+        if skipped:
+            return StepResult(mean_loss, grad_norm, True, RetractionReport())
+        bad = self._non_finite_cores()
+        if bad:  # keep the old s (and its Adam state) on every rank; the factors keep their update
+            before.restore_(self._base_optimizer())
+        report = self._retract(measure)
+        if bad:
+            return StepResult(mean_loss, grad_norm, True, report, reason=bad_cores_reason(bad))
+        return StepResult(mean_loss, grad_norm, False, report)
+
+    def _core_tensors(self) -> list[Tensor]:
+        """Every tensor of this rank that an optimizer step writes for the ``cores`` group (the ``s``):
+        the fp32 tensors AdamW updates — the ``s`` themselves at stage 0, this rank's flat partition of
+        the group under ZeRO (one per sub-group at stage 3) — and the working copies ZeRO derives from
+        them: the full ``s`` at stages 1–2, the local partition (plus the full copy of a persistent ``s``)
+        at stage 3. Full copies are given as the parameters: ZeRO-3 swaps a persistent one's ``.data``
+        when it re-gathers it after the step, and a restore must write into the current storage."""
+        names = [g.get("name") for g in self.optimizer.param_groups]
+        if "cores" not in names:
+            return []
+        group = names.index("cores")
+        cores = [m.s for m in self.model.modules() if isinstance(m, SpectralModule)]
+        if self.stage == 0:
+            return cores
+        if self.stage in (1, 2):
+            return [self.optimizer.single_partition_of_fp32_groups[group]] + cores
+        masters = [flat for sub, flat in enumerate(self.optimizer.fp32_partitioned_groups_flat)
+                   if self.optimizer.sub_group_to_group_id[sub] == group]
+        return masters + [s.ds_tensor for s in cores] + [s for s in cores if s.ds_persist]
+
+    @torch.no_grad()
+    def _non_finite_cores(self) -> list[str]:
+        """Names of the spectral modules whose ``s`` holds a NaN or an infinity after the update; the same
+        list on every rank (ZeRO-3: each rank checks its partition, and the verdicts are combined)."""
+        cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
+        seen = [zero3_valid_part(s) if self.stage == 3 else s.data for s in cores.values()]
+        bad = (~finite_flags(seen)).to(device=self.device, dtype=torch.int32)
+        if self.stage == 3 and self.world_size > 1:
+            dist.all_reduce(bad)
+        return [n for n, b in zip(cores, bad.tolist()) if b]
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """The boundary ``engine.step()``; returns (gradient norm before clipping, skipped). ZeRO 1–3
@@ -451,27 +497,29 @@ class DeepSpeedEngine(Engine):
 
     def _merge_reports(self, names: list[str]) -> RetractionReport:
         """Share every owner's cache entries (one small all-reduce) so that each rank's ``retractor.cache``
-        and the returned report cover all factors."""
-        stats = torch.zeros(len(names), 4, dtype=torch.float64, device=self.device)
+        and the returned report (retracted, fallbacks, repairs, drift) cover all factors."""
+        stats = torch.zeros(len(names), 5, dtype=torch.float64, device=self.device)
         for i, name in enumerate(names):
             if self.owners[name] == self.rank:
                 c = self.retractor.cache[name]
-                stats[i] = torch.tensor([c.drift, float(c.householder), float(c.skipped),
+                stats[i] = torch.tensor([c.drift, float(c.householder), float(c.skipped), float(c.repaired),
                                          math.nan if c.error is None else c.error])
         if self.world_size > 1:
             stats = stats.nan_to_num(nan=-1.0)
             dist.all_reduce(stats)
-            stats[:, 3] = torch.where(stats[:, 3] == -1.0, torch.full_like(stats[:, 3], math.nan), stats[:, 3])
+            stats[:, 4] = torch.where(stats[:, 4] == -1.0, torch.full_like(stats[:, 4], math.nan), stats[:, 4])
         report = RetractionReport()
-        for name, (d, householder, skipped, error) in zip(names, stats.tolist()):
+        for name, (d, householder, skipped, repaired, error) in zip(names, stats.tolist()):
             c = self.retractor.cache[name]
-            c.drift, c.householder, c.skipped = d, bool(householder), bool(skipped)
+            c.drift, c.householder, c.skipped, c.repaired = d, bool(householder), bool(skipped), bool(repaired)
             c.error = None if math.isnan(error) else error
             report.max_drift = max(report.max_drift, d)
             if not c.skipped:
                 report.retracted.append(name)
             if c.householder:
                 report.fallbacks.append(name)
+            if c.repaired:
+                report.repaired.append(name)
         return report
 
     # ---- observation -------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
+from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
 from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor
@@ -69,20 +70,16 @@ class TorchEngine(Engine):
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, grad_norm, True, RetractionReport())
-        cores = [m.s for m in self.model.modules() if isinstance(m, SpectralModule)]
-        before = _snapshot(cores, self.optimizer)
+        cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
+        before = CoreSnapshot.take(list(cores.values()), self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # free gradients before the retraction's temporaries
-        bad = []
-        if cores and not _all_finite(cores):  # the update made some s non-finite: keep the old s (and its
-            bad = [n for n, m in self.model.named_modules()  # Adam state) and count a bad step
-                   if isinstance(m, SpectralModule) and not bool(torch.isfinite(m.s).all())]
-            _restore(cores, self.optimizer, before)
+        bad = [n for n, ok in zip(cores, finite_flags(list(cores.values())).tolist()) if not ok]
+        if bad:  # keep the old s (and its Adam state); the factors keep their update and are retracted
+            before.restore_(self.optimizer)
         report = self.retractor(measure_error=measure)
         if bad:
-            return StepResult(loss, grad_norm, True, report,
-                              reason=f"non-finite s after the update in {', '.join(bad)}: the step's update of every s "
-                                     "was discarded")
+            return StepResult(loss, grad_norm, True, report, reason=bad_cores_reason(bad))
         return StepResult(loss, grad_norm, False, report)
 
     @torch.no_grad()
@@ -134,29 +131,3 @@ def _unpickler_reason(e: Exception) -> str:
             return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
     return "weights_only=True"
 
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    return bool(torch.isfinite(torch.cat([t.detach().reshape(-1) for t in tensors])).all())
-
-
-def _snapshot(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[Tensor, list[dict]]:
-    """The values of the (small) ``params`` and their optimizer state, flat: cheap enough for every step."""
-    values = torch.cat([p.detach().reshape(-1) for p in params]) if params else torch.zeros(0)
-    states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-              if p in optimizer.state else None for p in params]
-    return values, states
-
-
-@torch.no_grad()
-def _restore(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, snapshot: tuple[Tensor, list[dict]]) -> None:
-    values, states = snapshot
-    for p, v, st in zip(params, values.split([p.numel() for p in params]), states):
-        p.copy_(v.view_as(p))
-        if st is None:
-            optimizer.state.pop(p, None)
-        else:
-            for k, t in st.items():
-                if torch.is_tensor(t):
-                    optimizer.state[p][k].copy_(t)
-                else:
-                    optimizer.state[p][k] = t

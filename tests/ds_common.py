@@ -22,6 +22,7 @@ BATCH, GRAD_ACCUM = 4, 2  # global rows per micro-batch, micro-batches per step
 SHRUNK = "layers.0.mlp.up"  # the layer the rank-change test shrinks (apply_rank_change)
 GROWN = "layers.0.mlp.gate"  # the layer it grows (apply_rank_plan)
 POISONED_S = "layers.0.attn.q"  # the layer whose s an update makes non-finite (poison_s)
+POISONED_FACTOR = "layers.0.mlp.down.U"  # the factor the non-finite parameter check finds
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -12,7 +12,8 @@ after which to save, into ``save_dir``), ``resume`` (checkpoint directory to loa
 (step whose loss rank ``world−1`` turns infinite), ``poison_s`` (step whose optimizer update leaves
 an infinity in one ``s``: ``ds_common.poison_s``), ``sloppy`` (step whose Cholesky-QR results are off, so
 the measured retraction must repair them: ``ds_common.sloppy_retraction``), ``rank_change`` (shrink a
-layer after the last step and train one more), ``dtype``.
+layer after the last step and train one more), ``check_finite`` (at the end: ``non_finite_record``),
+``dtype``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main(spec_path: str) -> None:
         step = spec["steps"]
         res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
         records.append(step_record(engine, step, res))
+    if spec.get("check_finite"):
+        records.append(non_finite_record(engine))
     records.append({"event": "spectra", "spectra": {n: s.tolist() for n, s in engine.spectra().items()}})
     everyone = [None] * engine.world_size
     dist.all_gather_object(everyone, records)
@@ -107,6 +110,21 @@ def step_record(engine, step: int, res) -> dict:
             "cores_hash": param_hash({n: state.params[n] for n in cores}),
             "cores_moments_hash": param_hash({f"{n}.{k}": t for n, m in state.moments.items() if n in cores
                                               for k, t in m.items()})}
+
+
+def non_finite_record(engine) -> dict:
+    """``non_finite_parameters`` on the trained model, then with an infinity in one factor — on every rank
+    (stages 0–2 hold full, identical copies) or in rank 0's partition only (ZeRO-3) — then repaired."""
+    clean = engine.non_finite_parameters()
+    module, _, leaf = ds_common.POISONED_FACTOR.rpartition(".")
+    p = getattr(engine.model.get_submodule(module), leaf)
+    local = p.ds_tensor if engine.stage == 3 else p.data
+    saved = local.reshape(-1)[0].item()
+    if engine.stage != 3 or engine.rank == 0:
+        local.reshape(-1)[0] = float("inf")
+    poisoned = engine.non_finite_parameters()
+    local.reshape(-1)[0] = saved
+    return {"event": "non_finite", "clean": clean, "poisoned": poisoned}
 
 
 def rank_change_record(engine) -> dict:

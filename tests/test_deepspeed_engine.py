@@ -144,7 +144,8 @@ def stage_runs(request, tmp_path_factory) -> tuple[int, dict, dict]:
     tmp = tmp_path_factory.mktemp(f"zero{stage}")
     common = {"ds_config": stage_config(stage, tmp), "steps": STEPS, "poison": POISON, "poison_s": POISON_S,
               "sloppy": SLOPPY}
-    main = launch(f"zero{stage}-main", dict(common, save_at=SAVE_AT, save_dir=str(tmp / "ckpt"), rank_change=True), tmp)
+    main = launch(f"zero{stage}-main", dict(common, save_at=SAVE_AT, save_dir=str(tmp / "ckpt"), rank_change=True,
+                                            check_finite=True), tmp)
     resumed = launch(f"zero{stage}-resume", dict(common, resume=str(tmp / "ckpt"), start=SAVE_AT + 1), tmp)
     return stage, main, resumed
 
@@ -256,6 +257,15 @@ def test_repairs_are_reported_on_every_rank(stage_runs):
         assert sorted(step["repaired"]) == names
         assert step["ortho"]["work"] <= ORTHO_TOL and step["ortho"]["master"] <= ORTHO_TOL
         assert all(not s["repaired"] for s in steps_of(main, rank) if s["step"] != SLOPPY)
+
+
+def test_non_finite_parameters_are_found_on_every_rank(stage_runs):
+    """The check run before every checkpoint: nothing after training; one infinity in one factor — at
+    ZeRO-3 in one rank's partition only — is named on every rank."""
+    _, main, _ = stage_runs
+    for rank in range(main["world_size"]):
+        record = event(main, "non_finite", rank)
+        assert record["clean"] == [] and record["poisoned"] == [ds_common.POISONED_FACTOR]
 
 
 def test_resume_reproduces_the_uninterrupted_run_bitwise(stage_runs):

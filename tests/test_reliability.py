@@ -20,6 +20,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -119,6 +120,32 @@ def test_trainer_logs_repairs(tiny_config, sloppy_cholesky):
     assert "layers.0.attn.q.U" in logged[0]["message"] and "Householder" in logged[0]["message"]
     for p in trainer.engine.retractor.factors().values():
         assert float(orthonormality_error(p)) <= 1e-5
+
+
+def test_a_non_finite_state_is_never_checkpointed(tmp_path, monkeypatch, capsys):
+    """An update that leaves a dense weight infinite (finite loss and gradients: the guards on ``s`` do
+    not see it) right before a checkpoint: the state is not published, ``tsvd train`` stops with one
+    line naming the parameter (exit 1), and ``latest`` still points at the last good checkpoint."""
+    config = write_config(tmp_path / "run.yaml", tiny_raw(tmp_path), *FAST, "train.steps=20",
+                          "train.checkpoint_interval=3", "train.eval_interval=100")
+    real_step, calls = torch_engine.TorchEngine.train_step, []
+
+    def train_step(self, *args, **kwargs):
+        calls.append(1)
+        result = real_step(self, *args, **kwargs)
+        if len(calls) == 6:  # the update of step 6, a checkpoint step
+            with torch.no_grad():
+                self.model.layers[1].mlp_norm.weight[0] = math.inf
+        return result
+
+    monkeypatch.setattr(torch_engine.TorchEngine, "train_step", train_step)
+    assert main(["train", str(config), "--no-progress"]) == 1
+    root = tmp_path / "run" / "checkpoints"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "tsvd: training stopped: non-finite values in layers.1.mlp_norm.weight at step 6: this state is not "
+        f"saved. Last good checkpoint: {root / 'step-00000003'}"]
+    assert ckpt.latest_checkpoint(root).name == "step-00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003"]  # no step 6, no leftovers
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,12 +464,18 @@ def test_two_process_failures_end_the_job_and_resume_is_exact(tmp_path, deepspee
     assert hang.returncode not in (0, None), hang.log[-3000:]
     assert f"Timed out waiting {DS_TIMEOUT_S * 1000}ms" in hang.log
     assert DS_TIMEOUT_S - 1 <= hung_for <= DS_TIMEOUT_S + 45, hung_for
+    assert re.search(r"^tsvd: training stopped: rank 0: a collective operation failed in step \d+ \(.*Timed out "
+                     r".*\); usually another rank died or stopped answering", hang.log, re.M), hang.log[-3000:]
 
     died = launch(config("cut", "engine.timeout_s=600"), tmp_path, block="die:5:1", nproc=2, wait_for_block=False,
                   timeout=240)
     assert died.returncode not in (0, None), died.log[-3000:]
     assert died.ended - Path(died.marker).stat().st_mtime < 60  # far below the 600 s process-group timeout
-    assert ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-00000004"
+    latest = ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert latest.name == "step-00000004"
+    stopped = [line for line in died.log.splitlines() if line.startswith("tsvd: training stopped: rank 0:")]
+    assert len(stopped) == 1 and "a collective operation failed in step 5" in stopped[0], died.log[-3000:]
+    assert stopped[0].endswith(f"Last checkpoint: {latest}; run the same command again to resume from it")
 
     resumed = launch(config("cut"), tmp_path, nproc=2)
     assert resumed.returncode == 0, resumed.log[-3000:]

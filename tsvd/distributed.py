@@ -114,3 +114,10 @@ def init_process_group(timeout_s: int, local_rank: int = 0) -> None:
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank)  # nccl wants the device chosen before the first collective
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False, verbose=False)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Did a collective fail in the communication backend — typically because another rank died (its
+    connections closed) or stopped answering (``engine.timeout_s`` ran out)? torch raises ``DistError``
+    for NCCL and a plain ``RuntimeError`` from gloo's sources for gloo."""
+    return isinstance(e, torch.distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/" in str(e))

@@ -22,11 +22,13 @@ from tqdm import tqdm
 from tsvd import checkpoint as ckpt
 from tsvd.config import Config, to_dict
 from tsvd.data import BatchSampler, load_data, prepare_data, unigram_loss, val_batches
+from tsvd.distributed import is_collective_failure
 from tsvd.engine import build_engine
 from tsvd.errors import UserError
 from tsvd.metrics import Metrics, layer_stats, memory_stats
 from tsvd.model import build_model
 from tsvd.optim import lr_multiplier
+from tsvd.run_lock import RunLock
 from tsvd.spectral import SpectralModule
 
 
@@ -87,6 +89,11 @@ def set_ranks_for_loading(model: torch.nn.Module, ranks: dict[str, int]) -> None
             mod.reallocate_(rank)
 
 
+def _global_rank() -> int:
+    """This process's rank in a launcher job (0 without a launcher); known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _set_threads(cfg: Config) -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world)
@@ -106,6 +113,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
+        self.lock = RunLock(self.out_dir)  # global rank 0 holds it from here (an existing out_dir) or from
+        if _global_rank() == 0 and self.out_dir.is_dir():  # its first write: nothing is created before
+            self.lock.acquire()  # the inputs are checked; a second run can neither resume nor write here
+        try:
+            self._build(resume, progress)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, resume: str | Path | None, progress: bool) -> None:
+        cfg = self.cfg
         self.resume_from = self._find_resume(resume)
 
         self._ensure_data(progress)
@@ -135,6 +153,8 @@ class Trainer:
             if self.controller is not None and state.get("controller"):
                 self.controller.load_state_dict(state["controller"])
         self.progress = progress and self.engine.is_main
+        if self.engine.is_main:
+            self.lock.acquire()
         self.metrics = Metrics(self.out_dir, enabled=self.engine.is_main)
         if self.engine.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -166,7 +186,7 @@ class Trainer:
         meta = Path(self.cfg.data.dir) / "meta.json"
         if meta.is_file():
             return
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _global_rank() == 0:
             prepare_data(self.cfg.data, progress=progress)
             return
         deadline = time.monotonic() + self.cfg.engine.timeout_s + DATA_WAIT_S
@@ -214,6 +234,9 @@ class Trainer:
                 self.step = step + 1
                 steps_run += 1
                 summary.train_losses.append(result.loss)
+                if result.retraction.repaired:
+                    self.metrics.text(self.step, "retraction_repair", "orthonormality error above tolerance: "
+                                      "re-orthonormalized (Householder QR) " + ", ".join(result.retraction.repaired))
                 if result.skipped:
                     bad_steps += 1
                     why = result.reason or f"non-finite loss {result.loss} or grad norm {result.grad_norm}: step skipped"
@@ -224,9 +247,6 @@ class Trainer:
                     at_boundary = True
                     continue
                 bad_steps = 0
-                if result.retraction.repaired:
-                    self.metrics.text(self.step, "retraction_repair", "orthonormality error above tolerance: "
-                                      "re-orthonormalized (Householder QR) " + ", ".join(result.retraction.repaired))
                 if due:
                     self._change_ranks(sketch)
                 if log_now:
@@ -240,6 +260,14 @@ class Trainer:
                 at_boundary = True
         except KeyboardInterrupt:
             self._save_on_interrupt(at_boundary, bar)
+            raise
+        except RuntimeError as e:
+            if self.engine.world_size > 1 and is_collective_failure(e):
+                detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TrainingError(
+                    f"rank {self.engine.rank}: a collective operation failed in step {self.step + 1} ({detail}); "
+                    "usually another rank died or stopped answering (see its log). Last checkpoint: "
+                    f"{ckpt.latest_checkpoint(self.ckpt_root)}; run the same command again to resume from it") from e
             raise
         finally:
             deferred.restore()
@@ -317,7 +345,13 @@ class Trainer:
         return loss
 
     def save(self) -> Path:
-        """Publish a checkpoint of the current step (atomic; see tsvd.checkpoint)."""
+        """Publish a checkpoint of the current step (atomic; see tsvd.checkpoint). A state holding a NaN
+        or an infinity is never published: training stops instead (``TrainingError``)."""
+        bad = self.engine.non_finite_parameters()
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingError(f"non-finite values in {shown} at step {self.step}: this state is not saved. "
+                                f"Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
         client_state = {"step": self.step, "sampler": self.sampler.state_dict(),
                         "controller": self.controller.state_dict() if self.controller else None}
         meta = {"ranks": spectral_ranks(self.model), "config": to_dict(self.cfg),
@@ -327,8 +361,11 @@ class Trainer:
                                     is_main=self.engine.is_main, barrier=self.engine.barrier)
 
     def close(self) -> None:
-        self.metrics.close()
-        self.engine.close()
+        try:
+            self.metrics.close()
+            self.engine.close()
+        finally:
+            self.lock.release()
 
 
 def train(cfg: Config, resume: str | Path | None = "auto", progress: bool = True) -> TrainSummary:
@@ -336,8 +373,9 @@ def train(cfg: Config, resume: str | Path | None = "auto", progress: bool = True
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
         summary = trainer.fit()
+        if trainer.engine.is_main:
+            summary_file = Path(cfg.out_dir) / "summary.json"
+            summary_file.write_text(json.dumps(summary.__dict__ | {"train_losses": None}, indent=1))
     finally:
         trainer.close()
-    if trainer.engine.is_main:
-        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary.__dict__ | {"train_losses": None}, indent=1))
     return summary

@@ -54,6 +54,10 @@ class Engine(ABC):
         """Mean loss over the given (global) batches, no gradients."""
 
     @abstractmethod
+    def non_finite_parameters(self) -> list[str]:
+        """Names of the parameters holding a NaN or an infinity (the same list on every rank; collective)."""
+
+    @abstractmethod
     def spectra(self) -> dict[str, Tensor]:
         """``{module name: s}`` for every spectral module (full, on CPU, identical on every rank)."""
 

@@ -410,16 +410,23 @@ class DeepSpeedEngine(Engine):
                    if self.optimizer.sub_group_to_group_id[sub] == group]
         return masters + [s.ds_tensor for s in cores] + [s for s in cores if s.ds_persist]
 
-    @torch.no_grad()
     def _non_finite_cores(self) -> list[str]:
-        """Names of the spectral modules whose ``s`` holds a NaN or an infinity after the update; the same
-        list on every rank (ZeRO-3: each rank checks its partition, and the verdicts are combined)."""
-        cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
-        seen = [zero3_valid_part(s) if self.stage == 3 else s.data for s in cores.values()]
+        """Names of the spectral modules whose ``s`` holds a NaN or an infinity (the same on every rank)."""
+        return self._non_finite({n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)})
+
+    def non_finite_parameters(self) -> list[str]:
+        return self._non_finite(dict(self.model.named_parameters()))
+
+    @torch.no_grad()
+    def _non_finite(self, params: dict[str, nn.Parameter]) -> list[str]:
+        """Names of ``params`` holding a NaN or an infinity, the same list on every rank: stages 0–2 see
+        full copies, identical everywhere; at stage 3 each rank checks its partition and the verdicts
+        are combined (one small all-reduce)."""
+        seen = [zero3_valid_part(p) if self.stage == 3 else p.data for p in params.values()]
         bad = (~finite_flags(seen)).to(device=self.device, dtype=torch.int32)
         if self.stage == 3 and self.world_size > 1:
             dist.all_reduce(bad)
-        return [n for n, b in zip(cores, bad.tolist()) if b]
+        return [n for n, b in zip(params, bad.tolist()) if b]
 
     def _optimizer_step(self) -> tuple[float, bool]:
         """The boundary ``engine.step()``; returns (gradient norm before clipping, skipped). ZeRO 1–3

@@ -94,6 +94,10 @@ class TorchEngine(Engine):
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + plan.step)
         return apply_plan(self.model, self.optimizer, plan, sketch, generator)
 
+    def non_finite_parameters(self) -> list[str]:
+        named = dict(self.model.named_parameters())
+        return [n for n, ok in zip(named, finite_flags(list(named.values())).tolist()) if not ok]
+
     def spectra(self) -> dict[str, Tensor]:
         return {n: m.s.detach().float().cpu() for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
 

@@ -129,8 +129,9 @@ class Launch:
 
 
 def launch(args: list[str], workdir: Path, block: str = "", nproc: int = 1, timeout: float = 240,
-           wait_for_block: bool = True) -> Launch:
-    """Run ``tsvd ARGS`` through ``CHILD`` (under ``torchrun --standalone`` for ``nproc > 1``: a free port).
+           wait_for_block: bool = True, monitor_interval: float = 0.1) -> Launch:
+    """Run ``tsvd ARGS`` through ``CHILD`` (under ``torchrun --standalone`` for ``nproc > 1``: a free port;
+    ``monitor_interval``: how often torchrun looks for failed workers, and then terminates the others).
 
     With ``block`` and ``wait_for_block``, return as soon as a child reports being blocked (everything is
     then SIGKILLed, ``returncode=None``); otherwise wait for the exit. Fails with the log's tail when a
@@ -139,7 +140,8 @@ def launch(args: list[str], workdir: Path, block: str = "", nproc: int = 1, time
     ready, log = workdir / f"ready-{tag}", workdir / f"{tag}.log"
     script = str(child_script(workdir))
     cmd = [sys.executable, script, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "--monitor-interval", str(monitor_interval), script, *args]
     env = child_env(TSVD_TEST_BLOCK=block or "none:0", TSVD_TEST_READY=str(ready))
     if nproc > 1:  # CPU ranks (gloo); a JIT build of a DeepSpeed op would land in workdir, not in ~/.cache
         env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(workdir / "torch_extensions"))

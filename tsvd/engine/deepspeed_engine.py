@@ -1,8 +1,9 @@
 """DeepSpeed engine: data parallel over any number of processes, ZeRO stages 0–3, CPU (gloo) or GPUs (nccl).
 
 It mirrors ``TorchEngine``'s semantics — same AdamW parameter groups and learning rates, same
-clipping, same "non-finite loss or gradient ⇒ no update" rule, same retraction — so the trainer cannot
-tell them apart, and a run on N processes follows the single-process run up to rounding.
+clipping, same guards ("non-finite loss or gradient ⇒ no update", "an update making any ``s``
+non-finite is undone for every ``s``", ``tsvd.engine.core_guard``), same retraction — so the trainer
+cannot tell them apart, and a run on N processes follows the single-process run up to rounding.
 
 Invariants after every ``train_step`` (and after ``load`` / ``apply_rank_change``):
 

@@ -154,5 +154,5 @@ def test_broken_pointer_and_meta_are_user_errors(tmp_path):
         ckpt.latest_checkpoint(tmp_path)
     (tmp_path / ckpt.LATEST).write_text("step-00000001")
     (tmp_path / "step-00000001" / ckpt.META_FILE).write_text("{not json")
-    with pytest.raises(UserError, match="corrupted"):
+    with pytest.raises(UserError, match="not valid JSON"):
         ckpt.read_meta(tmp_path)

@@ -95,6 +95,12 @@ def _damaged_data(damage: Callable[[Path], None]) -> Callable[[Ctx], list[str]]:
     return make
 
 
+def _inspect_damaged_data(c: Ctx) -> list[str]:
+    data = c.copy("data")
+    (data / "meta.json").write_text("{oops")
+    return ["inspect", c.config("model.vocab_size=0", data=data, out=c.case / "out")]
+
+
 def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -206,7 +212,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("resume-missing", lambda c: ["train", c.config(), "--resume", str(c.case / "nowhere")], ["no tsvd checkpoint here"]),
     ("latest-dangling", _damaged_run(lambda k: (k / "latest").write_text("step-00000099")),
      ["points to step-00000099, which is missing"]),
-    ("checkpoint-meta-corrupted", _damaged_run(lambda k: (_step_dir(k) / "meta.json").write_text("{")), ["meta.json: corrupted"]),
+    ("checkpoint-meta-corrupted", _damaged_run(lambda k: (_step_dir(k) / "meta.json").write_text("{")), ["meta.json: not valid JSON"]),
     ("checkpoint-state-missing", _damaged_run(lambda k: (_step_dir(k) / STATE_FILE).unlink()), [f"no {STATE_FILE}"]),
     ("checkpoint-state-truncated", _damaged_run(lambda k: _truncate(_step_dir(k) / STATE_FILE)), [STATE_FILE, "unreadable"]),
     ("checkpoint-state-not-torch", _damaged_run(lambda k: (_step_dir(k) / STATE_FILE).write_text("hello")),
@@ -219,6 +225,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("inspect-empty-dir", lambda c: ["inspect", str(c.case)], ["no tsvd checkpoint here"]),
     ("inspect-set-on-checkpoint", lambda c: ["inspect", str(c.world / "run"), "--set", "seed=1"], ["--set applies to configs"]),
     ("inspect-bad-config", lambda c: ["inspect", c.config("model.spectral.rank=99")], ["rank 99 is impossible"]),
+    ("inspect-data-meta-corrupted", _inspect_damaged_data, ["meta.json is unreadable"]),
     ("export-missing", lambda c: ["export", str(c.case / "nothing"), str(c.case / "out")], ["nothing: no such file"]),
     ("convert-missing", lambda c: ["convert", str(c.case / "nothing"), str(c.case / "out")], ["nothing"]),
 ]

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from tsvd.errors import UserError
+from tsvd.errors import UserError, read_document
 
 META_FILE = "meta.json"
 LATEST = "latest"
@@ -121,12 +121,10 @@ def read_meta(path: Path) -> dict:
     elif (path / "checkpoints" / LATEST).is_file():
         path = latest_checkpoint(path / "checkpoints")
     meta_file = path / META_FILE
-    if not meta_file.is_file():
-        raise UserError(f"{path}: not a tsvd checkpoint (no {META_FILE})")
-    try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_file}: corrupted ({e})") from None
+    meta = read_document(meta_file, "JSON", f"{path}: not a tsvd checkpoint (no {META_FILE})")
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_file}: expected a JSON object")
+    return meta
 
 
 def resolve_checkpoint(path: Path) -> Path:

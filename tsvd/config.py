@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from tsvd.errors import UserError
+from tsvd.errors import UserError, read_document
 
 SPECTRAL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed")
 
@@ -317,12 +317,7 @@ def config_from_dict(raw: dict) -> Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override and validate a YAML config. Errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_document(path, "YAML", f"config file not found: {path}")
     raw = apply_overrides(raw or {}, list(overrides))
     try:
         return config_from_dict(raw)

@@ -4,6 +4,27 @@ The CLI turns it into a one-line message and exit code 2; everything else is a b
 its traceback.
 """
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
 
 class UserError(ValueError):
     """A problem with the user's input, reported without a traceback."""
+
+
+def read_document(path: str | Path, kind: str, missing: str) -> Any:
+    """The parsed ``kind`` (``"JSON"`` or ``"YAML"``) file at ``path``. A missing file raises
+    ``UserError(missing)``; one that does not parse raises ``<path>: not valid <kind> (<parser's first line>)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    text = path.read_text()
+    try:
+        return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not valid {kind} ({str(e).splitlines()[0]})") from None

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from tsvd import checkpoint as ckpt
 from tsvd.config import ModelConfig, TrainConfig, config_from_dict
 from tsvd.convert import LayerReport, densify, format_report, spectralize
-from tsvd.errors import UserError
+from tsvd.errors import UserError, read_document
 from tsvd.optim import build_adamw, lr_multiplier, set_lr
 from tsvd.retraction import Retractor
 from tsvd.spectral import SpectralEmbedding, SpectralLinear, SpectralModule
@@ -229,12 +229,9 @@ def save_factors(model: nn.Module, out_dir: str | Path, meta: dict | None = None
 def read_factor_meta(path: str | Path) -> dict:
     """``tsvd_factors.json`` of a factor checkpoint (validated)."""
     meta_file = Path(path) / META_FILE
-    if not meta_file.is_file():
-        raise UserError(f"{path}: not a tsvd factor checkpoint (no {META_FILE})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_file}: corrupted ({e})") from None
+    meta = read_document(meta_file, "JSON", f"{path}: not a tsvd factor checkpoint (no {META_FILE})")
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_file}: expected a JSON object")
     if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
         raise UserError(f"{meta_file}: unsupported format {meta.get('format')!r} v{meta.get('version')}")
     if not (Path(path) / FACTORS_FILE).is_file():

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from tsvd import checkpoint as ckpt
 from tsvd.config import Config, config_from_dict, load_config
+from tsvd.data import read_meta as read_data_meta
 from tsvd.errors import UserError
 from tsvd.spectral import SpectralModule
 
@@ -26,7 +26,7 @@ def _resolve_vocab(cfg: Config) -> None:
     if not meta.is_file():
         raise UserError("model.vocab_size: 0 means 'from the data', but data.dir has no prepared dataset; "
                         "run `tsvd prepare` or set model.vocab_size")
-    cfg.model.vocab_size = json.loads(meta.read_text())["vocab_size"]
+    cfg.model.vocab_size = read_data_meta(cfg.data.dir).vocab_size
 
 
 def load_target(target: Path, overrides: list[str]) -> tuple[Config, dict[str, int], str]:

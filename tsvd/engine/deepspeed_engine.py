@@ -38,7 +38,6 @@ What the trainer should know:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import pickle
@@ -64,7 +63,7 @@ from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
-from tsvd.errors import UserError
+from tsvd.errors import UserError, read_document
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
 from tsvd.sketch import GradientSketch
@@ -102,12 +101,7 @@ Surgery = Callable[[nn.Module, dict[str, dict[str, Tensor]]], None]
 def read_ds_config(path: str) -> dict:
     """The DeepSpeed JSON at ``path``, checked for sections tsvd must own. Errors name the file."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"engine.deepspeed_config: file not found: {p}")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
+    raw = read_document(p, "JSON", f"engine.deepspeed_config: file not found: {p}")
     if not isinstance(raw, dict):
         raise UserError(f"{p}: expected a JSON object at the top level")
     for key, why in REFUSED_SECTIONS.items():

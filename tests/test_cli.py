@@ -25,6 +25,7 @@ from tsvd.cli import main
 from tsvd.config import apply_overrides
 from tsvd.engine.torch_engine import STATE_FILE
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ("train.threads=1", "train.steps=2", "train.checkpoint_interval=1", "train.eval_interval=100")
 
 
@@ -99,6 +100,15 @@ def _inspect_damaged_data(c: Ctx) -> list[str]:
     data = c.copy("data")
     (data / "meta.json").write_text("{oops")
     return ["inspect", c.config("model.vocab_size=0", data=data, out=c.case / "out")]
+
+
+def _deepspeed(c: Ctx, json_text: str | None, *overrides: str) -> list[str]:
+    """``train`` with ``engine.kind: deepspeed`` and a JSON of this text (``None``: no such file)."""
+    path = c.case / "ds.json"
+    if json_text is not None:
+        path.write_text(json_text)
+    return ["train", c.config("engine.kind=deepspeed", f"engine.deepspeed_config={path}", *overrides,
+                              out=c.case / "out")]
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -221,6 +231,15 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
      [STATE_FILE, "does not fit"]),
     ("checkpoint-state-wrong-shapes", _damaged_run(_narrow_a_factor), [STATE_FILE, "does not fit", "size mismatch"]),
     # inspect / export / convert
+    ("ds-config-missing", lambda c: _deepspeed(c, None), ["engine.deepspeed_config: file not found", "ds.json"]),
+    ("ds-config-not-json", lambda c: _deepspeed(c, "{stage: 2"), ["ds.json: not valid JSON"]),
+    ("ds-config-optimizer", lambda c: _deepspeed(c, '{"optimizer": {"type": "Adam"}}'), ["ds.json: remove 'optimizer'"]),
+    ("ds-config-bad-stage", lambda c: _deepspeed(c, '{"zero_optimization": {"stage": 5}}'),
+     ["zero_optimization.stage must be 0, 1, 2 or 3"]),
+    ("ds-config-dtype-mismatch", lambda c: _deepspeed(c, (REPO / "configs/ds/zero2-bf16.json").read_text()),
+     ["torch_autocast is on but train.dtype is float32"]),
+    ("ds-zero3-gradient-growth", lambda c: _deepspeed(c, '{"zero_optimization": {"stage": 3}}', "rank.policy=energy"),
+     ["rank.grow_directions: 'gradient' does not work under ZeRO-3"]),
     ("inspect-missing", lambda c: ["inspect", str(c.case / "no-run")], ["no-run: no tsvd checkpoint here"]),
     ("inspect-empty-dir", lambda c: ["inspect", str(c.case)], ["no tsvd checkpoint here"]),
     ("inspect-set-on-checkpoint", lambda c: ["inspect", str(c.world / "run"), "--set", "seed=1"], ["--set applies to configs"]),

@@ -315,12 +315,18 @@ def config_from_dict(raw: dict) -> Config:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read, override and validate a YAML config. Errors name the file and the key."""
+    """Read, override and validate a YAML config — with its DeepSpeed JSON, when it names one. Errors name
+    the file and the key."""
     path = Path(path)
     raw = read_document(path, "YAML", f"config file not found: {path}")
     raw = apply_overrides(raw or {}, list(overrides))
     try:
-        return config_from_dict(raw)
+        cfg = config_from_dict(raw)
+        if cfg.engine.kind == "deepspeed":  # the JSON too (splitting the batch over ranks is checked at launch)
+            from tsvd.engine.ds_config import resolve_ds_config
+
+            resolve_ds_config(cfg, world_size=1)
+        return cfg
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
 

@@ -63,7 +63,8 @@ from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
-from tsvd.errors import UserError, read_document
+from tsvd.engine.ds_config import resolve_ds_config, zero_stage
+from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
 from tsvd.sketch import GradientSketch
@@ -80,63 +81,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 #: What DeepSpeed pickles besides tensors and containers; allow-listed for ``weights_only`` loads.
 CHECKPOINT_GLOBALS = [LossScaler, ZeroStageEnum, fragment_address]
-#: JSON sections that would take over what tsvd controls, and why.
-REFUSED_SECTIONS = {
-    "optimizer": "tsvd builds AdamW itself from train.* (per-component lr groups)",
-    "scheduler": "the trainer sets the lr every step (train.warmup_steps, train.min_lr_ratio)",
-    "fp16": "low-precision parameters hide the fp32 master from the retraction; use train.dtype=bfloat16 "
-            "(torch autocast, as configs/ds/zero*-bf16.json)",
-    "bf16": "low-precision parameters hide the fp32 master from the retraction; use train.dtype=bfloat16 "
-            "(torch autocast, as configs/ds/zero*-bf16.json)",
-}
-
 #: ``surgery_fn(model, optimizer_state)`` for ``apply_rank_change``; see there.
 Surgery = Callable[[nn.Module, dict[str, dict[str, Tensor]]], None]
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-def read_ds_config(path: str) -> dict:
-    """The DeepSpeed JSON at ``path``, checked for sections tsvd must own. Errors name the file."""
-    p = Path(path)
-    raw = read_document(p, "JSON", f"engine.deepspeed_config: file not found: {p}")
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: expected a JSON object at the top level")
-    for key, why in REFUSED_SECTIONS.items():
-        section = raw.get(key)
-        precision = key in ("fp16", "bf16")
-        if section is not None and (not precision or not isinstance(section, dict) or section.get("enabled", False)):
-            raise UserError(f"{p}: remove {key!r}: {why}")
-    return raw
-
-
-def build_ds_config(raw: dict, cfg: Config, world_size: int, source: str = "DeepSpeed config") -> dict:
-    """``raw`` with the keys tsvd owns filled from ``cfg``, whatever the file says:
-    ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``,
-    ``gradient_clipping``; and checked against ``train.dtype``.
-
-    A global micro-batch of ``train.batch_size`` rows is split evenly over ``world_size`` ranks, and a
-    step takes ``train.grad_accum`` micro-batches. Stage 0 clips in this engine (DeepSpeed neither
-    reports the norm nor skips non-finite steps there), so DeepSpeed's own clipping is off.
-    """
-    t = cfg.train
-    if t.batch_size % world_size:
-        raise UserError(f"train.batch_size: {t.batch_size} rows cannot be split evenly over {world_size} processes")
-    out = copy.deepcopy(raw)
-    stage = int(out.get("zero_optimization", {}).get("stage", 0))
-    out.update(train_micro_batch_size_per_gpu=t.batch_size // world_size, gradient_accumulation_steps=t.grad_accum,
-               train_batch_size=t.batch_size * t.grad_accum, gradient_clipping=t.grad_clip if stage > 0 else 0.0)
-    out.setdefault("steps_per_print", 2**31 - 1)
-    autocast = out.get("torch_autocast", {})
-    enabled = bool(autocast.get("enabled", False))
-    if enabled and autocast.get("dtype", "bfloat16") not in ("bfloat16", "torch.bfloat16"):
-        raise UserError(f"{source}: torch_autocast.dtype must be bfloat16 (fp16 needs loss scaling tsvd does not do)")
-    if enabled != (t.dtype == "bfloat16"):
-        raise UserError(f"{source}: torch_autocast is {'on' if enabled else 'off'} but train.dtype is {t.dtype}; "
-                        f"use configs/ds/zero{stage}{'-bf16' if t.dtype == 'bfloat16' else ''}.json")
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,12 +250,8 @@ class DeepSpeedEngine(Engine):
         distributed.init_process_group(cfg.engine.timeout_s, info.local_rank)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._check_device(cfg.train.device)
-        source = cfg.engine.deepspeed_config
-        self.ds_config = build_ds_config(read_ds_config(source), cfg, self.world_size, source)
-        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        if self.stage == 3 and cfg.rank.policy != "static" and cfg.rank.grow_directions == "gradient":
-            raise UserError("rank.grow_directions: 'gradient' does not work under ZeRO-3 yet (the gradient "
-                            "sketch reads the partitioned factors); use 'random' or ZeRO stage ≤ 2")
+        self.ds_config = resolve_ds_config(cfg, self.world_size)
+        self.stage = zero_stage(self.ds_config)
         self.grad_accum = cfg.train.grad_accum
         self._initialize(model)
 

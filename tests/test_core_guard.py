@@ -46,7 +46,8 @@ def test_restore_before_any_state_zeroes_what_the_update_created():
 
 
 def test_finite_flags_and_reason():
-    flags = finite_flags([torch.ones(3), torch.tensor([1.0, math.nan]), torch.tensor([math.inf]), torch.zeros(0)])
-    assert flags.tolist() == [True, False, False, True]
+    flags = finite_flags([torch.ones(3), torch.tensor([1.0, math.nan]), torch.tensor([math.inf, 2.0]),
+                          torch.tensor([3.0, -math.inf]), torch.zeros(0), torch.full((2, 3), 3e38)])
+    assert flags.tolist() == [True, False, False, False, True, True]
     assert finite_flags([]).tolist() == []
     assert bad_cores_reason(["a", "b"]).startswith("non-finite s after the update in a, b:")

@@ -7,7 +7,8 @@ the median of ``--repeat`` runs:
 - ``guard``: what ``TorchEngine.train_step`` adds to a good step for the non-finite ``s`` guard —
   ``CoreSnapshot.take`` of every ``s`` with its Adam state, and ``finite_flags`` over every ``s``;
 - ``retraction``: one full retraction of every factor (``engine.retractor``), as after every step;
-- ``pre-save check``: ``engine.non_finite_parameters()``, run before every checkpoint;
+- ``pre-save check``: ``engine.non_finite_parameters()``, run before every checkpoint (one ``aminmax``
+  pass per tensor), and the obvious alternative, ``isfinite(p).all()`` per parameter;
 - ``save``: ``engine.save`` of the same state (model + AdamW, ``torch.save``) into ``--dir``.
 
 Ratios: guard / retraction (per step) and pre-save check / save (per checkpoint).
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             "guard (per step)": median_time(guard, a.repeat),
             "retraction (per step)": median_time(lambda: engine.retractor(), a.repeat),
             "pre-save check (per checkpoint)": median_time(engine.non_finite_parameters, a.repeat),
+            "pre-save check with isfinite(p).all()": median_time(
+                lambda: [bool(torch.isfinite(p).all()) for p in engine.model.parameters()], a.repeat),
             "save (per checkpoint)": median_time(save, a.save_repeat),
         }
     finally:
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {seconds:.4f} |")
     print(f"\nguard / retraction: {rows['guard (per step)'] / rows['retraction (per step)']:.4f}")
     print(f"pre-save check / save: {rows['pre-save check (per checkpoint)'] / rows['save (per checkpoint)']:.4f}")
+    print(f"isfinite(p).all() / aminmax check: "
+          f"{rows['pre-save check with isfinite(p).all()'] / rows['pre-save check (per checkpoint)']:.1f}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def main(spec_path: str) -> None:
         records.append(step_record(engine, step, res))
         if step == spec.get("save_at"):
             engine.save(Path(spec["save_dir"]), {"step": step + 1, "ranks": {ds_common.SHRUNK: 5}})
+            records.append({"event": "saved", "dir": spec["save_dir"],
+                            "hash": param_hash(engine.gather_training_state().params)})
     engine.model.poison = False
     if spec.get("rank_change"):
         records.append(rank_change_record(engine))

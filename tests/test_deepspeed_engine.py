@@ -268,6 +268,17 @@ def test_non_finite_parameters_are_found_on_every_rank(stage_runs):
         assert record["clean"] == [] and record["poisoned"] == [ds_common.POISONED_FACTOR]
 
 
+def test_checkpoint_reads_back_full_parameters_without_an_engine(stage_runs):
+    """``read_full_params`` (what ``tsvd export`` uses) returns, bitwise, the parameters the engine held
+    when it saved — at ZeRO-3 reassembled from both ranks' fp32 partitions (odd sizes padded)."""
+    from ds_worker import param_hash
+    from tsvd.engine.deepspeed_engine import read_full_params
+
+    _, main, _ = stage_runs
+    saved = event(main, "saved")
+    assert param_hash(read_full_params(Path(saved["dir"]))) == saved["hash"]
+
+
 def test_resume_reproduces_the_uninterrupted_run_bitwise(stage_runs):
     _, main, resumed = stage_runs
     assert event(resumed, "resumed")["client_state"] == {"step": SAVE_AT + 1, "ranks": {ds_common.SHRUNK: 5}}
@@ -313,30 +324,57 @@ def test_single_process_without_launcher_equals_torch_engine(tmp_path):
     assert repr(got) == repr(want)  # repr: nan == nan
 
 
-def test_cli_through_launch_script_bf16_zero3(tmp_path):
+@pytest.fixture(scope="module")
+def cli_zero3_run(tmp_path_factory) -> Path:
     """``launch/multi_gpu.sh`` → ``deepspeed`` → ``python -m tsvd.cli train``: the trainer on 2 CPU
     processes with the shipped ``zero3-bf16.json`` (bf16 autocast; tiny parameters stay unpartitioned,
-    the persistence path) writes checkpoints that load with ``weights_only=True``."""
+    the persistence path), 4 steps with checkpoints at 2 and 4; returns the run's out_dir."""
     import yaml
 
     from conftest import tiny_raw
     from tsvd.distributed import free_port
+
+    tmp = tmp_path_factory.mktemp("cli-zero3")
+    raw = tiny_raw(tmp)
+    raw["train"].update(steps=4, checkpoint_interval=2, eval_interval=2, log_interval=2)
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_job("cli-prepare", [sys.executable, "-m", "tsvd.cli", "prepare", str(config), "--no-progress"], tmp)
+    run_job("cli-zero3-bf16", ["bash", "launch/multi_gpu.sh", str(config), "--no-progress",
+                               "--set", "engine.timeout_s=60"], tmp,
+            env={"NUM_GPUS": "2", "ZERO": "3", "BF16": "1", "MASTER_PORT": str(free_port())})
+    return Path(raw["out_dir"])
+
+
+def test_cli_through_launch_script_bf16_zero3(cli_zero3_run):
+    """The launched trainer learns and writes checkpoints that load with ``weights_only=True``."""
     from tsvd.engine.deepspeed_engine import read_client_state
 
-    raw = tiny_raw(tmp_path)
-    raw["train"].update(steps=4, checkpoint_interval=2, eval_interval=2, log_interval=2)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    run_job("cli-prepare", [sys.executable, "-m", "tsvd.cli", "prepare", str(config), "--no-progress"], tmp_path)
-    run_job("cli-zero3-bf16", ["bash", "launch/multi_gpu.sh", str(config), "--no-progress",
-                               "--set", "engine.timeout_s=60"], tmp_path,
-            env={"NUM_GPUS": "2", "ZERO": "3", "BF16": "1", "MASTER_PORT": str(free_port())})
-    run = Path(raw["out_dir"])
+    run = cli_zero3_run
     summary = json.loads((run / "summary.json").read_text())
     meta = json.loads((run / "checkpoints/step-00000004/meta.json").read_text())
     assert summary["step"] == 4 and summary["val_loss"] < math.log(meta["config"]["model"]["vocab_size"]), summary
     assert meta["engine"] == "deepspeed" and set(meta["ranks"].values()) == {8}
     assert read_client_state(run / "checkpoints/step-00000004")["step"] == 4
+
+
+def test_export_of_a_deepspeed_run(cli_zero3_run, tmp_path):
+    """``tsvd export`` of a ZeRO-3 run (tied embeddings): a ``LlamaForCausalLM`` whose logits are the tsvd
+    model's, rebuilt from the reassembled checkpoint (fp32; ATOL as in tests/test_hf.py)."""
+    transformers = pytest.importorskip("transformers")
+    from tsvd.cli import main
+    from tsvd.engine.deepspeed_engine import read_full_params
+    from tsvd.hf import load_tsvd_checkpoint
+
+    model, meta = load_tsvd_checkpoint(cli_zero3_run)
+    assert meta["step"] == 4 and meta["config"]["model"]["tie_embeddings"]
+    params = read_full_params(cli_zero3_run / "checkpoints/step-00000004")
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert main(["export", str(cli_zero3_run), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    x = torch.randint(0, meta["config"]["model"]["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, model(x)[0], rtol=0, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

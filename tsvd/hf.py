@@ -435,30 +435,42 @@ def tsvd_to_llama(model: nn.Module, **config_extra: Any) -> nn.Module:
 
 def load_tsvd_checkpoint(src: str | Path) -> tuple[nn.Module, dict]:
     """``(tsvd Transformer, meta)`` from a training checkpoint dir, checkpoints root or run out_dir.
-    Reads the single-device engine's ``engine_state.pt`` with ``weights_only=True`` (memory-mapped)."""
+    Reads the single-device engine's ``engine_state.pt`` (memory-mapped) or a DeepSpeed engine's
+    checkpoint (any ZeRO stage; needs ``deepspeed``), always with ``weights_only=True``."""
     from tsvd.model import build_model
 
     path = ckpt.resolve_checkpoint(Path(src))
     meta = ckpt.read_meta(path)
-    state_file = path / ENGINE_STATE
-    if not state_file.is_file():
-        raise UserError(f"{path}: no {ENGINE_STATE} (only checkpoints of the torch engine can be exported; "
-                        "for DeepSpeed runs, consolidate into a torch-engine checkpoint first)")
+    source, weights = _checkpoint_weights(path, meta)
     cfg = config_from_dict(meta.get("config", {}))
     model = build_model(cfg.model)
     apply_layout(model, {name: {"kind": "embedding" if isinstance(mod, SpectralEmbedding) else "linear",
                                 "rank": meta.get("ranks", {}).get(name, mod.rank)}
                          for name, mod in model.named_modules() if isinstance(mod, SpectralModule)})
     try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{source}: does not fit the model in its meta.json ({str(e).splitlines()[0]} …)") from None
+    return model.eval(), meta
+
+
+def _checkpoint_weights(path: Path, meta: dict) -> tuple[Path, dict[str, Tensor]]:
+    """(the file or directory read, the model's state dict) of a training checkpoint of either engine."""
+    if meta.get("engine") == "deepspeed":
+        try:
+            from tsvd.engine.deepspeed_engine import read_full_params
+        except ImportError:
+            raise UserError(f"{path}: a DeepSpeed checkpoint; reading it needs deepspeed "
+                            "(pip install deepspeed)") from None
+        return path, read_full_params(path)
+    state_file = path / ENGINE_STATE
+    if not state_file.is_file():
+        raise UserError(f"{path}: no {ENGINE_STATE} (incomplete checkpoint of the torch engine)")
+    try:
         state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file; weights_only refuses anything executable
         raise UserError(f"{state_file}: cannot be read safely ({str(e).splitlines()[0]})") from None
-    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"{state_file}: does not fit the model in its meta.json ({str(e).splitlines()[0]} …)") from None
-    return model.eval(), meta
+    return state_file, {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
 
 
 def _tsvd_tokenizer(meta: dict) -> Any:

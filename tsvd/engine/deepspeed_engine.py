@@ -213,6 +213,39 @@ def read_client_state(path: Path) -> dict:
     return weights_only_loader(str(files[0]), map_location="cpu")["tsvd_client_state"]
 
 
+def read_full_params(path: Path) -> dict[str, Tensor]:
+    """Every parameter in the checkpoint that ``DeepSpeedEngine.save`` wrote into ``path``: full, fp32, on
+    CPU, by name (tied parameters under each name), without an engine or a process group (``tsvd export``).
+
+    Stages 0–2 keep full parameters in the model states. ZeRO-3 keeps only each rank's fp32 partitions:
+    every parameter, in ``param_shapes`` order, holds ``ceil(numel / ranks)`` values of each rank's flat
+    groups (zero-padded at its end), which are put back together here."""
+    directory = Path(path) / TAG
+    files = sorted(directory.glob("*model_states.pt"))
+    if not files:
+        raise UserError(f"{directory}: no DeepSpeed model states (not a checkpoint of the DeepSpeed engine)")
+    states = weights_only_loader(str(files[0]), map_location="cpu")
+    if zero_stage(states.get("ds_config", {}), str(files[0])) < 3:
+        return {name: t.detach().float().clone() for name, t in states["module"].items()}
+    shards = sorted(directory.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                    key=lambda f: int(f.name.split("_")[3]))
+    flats = [torch.cat(weights_only_loader(str(f), map_location="cpu")["optimizer_state_dict"]["fp32_flat_groups"])
+             for f in shards]
+    params, offset = {}, 0
+    for group in states["param_shapes"]:
+        for name, shape in group.items():
+            numel = math.prod(shape)
+            part = -(-numel // len(flats))
+            params[name] = torch.cat([flat.narrow(0, offset, part) for flat in flats])[:numel].view(shape).clone()
+            offset += part
+    if any(flat.numel() != offset for flat in flats):
+        raise UserError(f"{directory}: ZeRO-3 partitions hold {[f.numel() for f in flats]} values per rank, but "
+                        f"the parameter shapes account for {offset} (a layout this reader does not know)")
+    for alias, source in states.get("shared_params", {}).items():
+        params[alias] = params[source]
+    return params
+
+
 def spectral_ranks(model: nn.Module) -> dict[str, int]:
     """``{module name: rank}`` of every spectral module (ZeRO-3-safe: reads the full shape of ``s``)."""
     return {n: full_shape(m.s)[0] for n, m in model.named_modules() if isinstance(m, SpectralModule)}

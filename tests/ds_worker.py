@@ -13,7 +13,7 @@ after which to save, into ``save_dir``), ``resume`` (checkpoint directory to loa
 an infinity in one ``s``: ``ds_common.poison_s``), ``sloppy`` (step whose Cholesky-QR results are off, so
 the measured retraction must repair them: ``ds_common.sloppy_retraction``), ``rank_change`` (shrink a
 layer after the last step and train one more), ``check_finite`` (at the end: ``non_finite_record``),
-``dtype``.
+``sketch_growth`` (at the end: ``sketch_growth_record``), ``dtype``.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def main(spec_path: str) -> None:
         records.append(step_record(engine, step, res))
     if spec.get("check_finite"):
         records.append(non_finite_record(engine))
+    if spec.get("sketch_growth"):
+        records.append(sketch_growth_record(engine, cfg, spec["steps"]))
     records.append({"event": "spectra", "spectra": {n: s.tolist() for n, s in engine.spectra().items()}})
     everyone = [None] * engine.world_size
     dist.all_gather_object(everyone, records)
@@ -127,6 +129,25 @@ def non_finite_record(engine) -> dict:
     poisoned = engine.non_finite_parameters()
     local.reshape(-1)[0] = saved
     return {"event": "non_finite", "clean": clean, "poisoned": poisoned}
+
+
+def sketch_growth_record(engine, cfg, step: int) -> dict:
+    """One step under a ``GradientSketch`` of ``GROWN`` (factors from ``engine.sketch_factors``, as the
+    trainer does), then grow it 5 → 7 along the sketched directions; returns the factors around it."""
+    from tsvd.controller import RankPlan
+    from tsvd.sketch import GradientSketch
+
+    layer = ds_common.GROWN
+    with GradientSketch(engine.model, width={layer: 2}, generator=torch.Generator().manual_seed(7),
+                        factors=engine.sketch_factors([layer])) as sketch:
+        engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step))
+    usable = sketch.sketches[layer].usable()  # this rank's own half of the batch, before the sum
+    before = engine.gather_training_state().params
+    changes = engine.apply_rank_plan(RankPlan(step=step + 1, ranks={layer: 7}), sketch)
+    after = engine.gather_training_state().params
+    return {"event": "sketch_growth", "usable": usable, "changes": [c.to_dict() for c in changes],
+            **{f"{k}_before": before[f"{layer}.{k}"].tolist() for k in ("U", "V")},
+            **{f"{k}_after": after[f"{layer}.{k}"].tolist() for k in ("U", "V")}}
 
 
 def rank_change_record(engine) -> dict:

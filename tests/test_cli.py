@@ -238,8 +238,6 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
      ["zero_optimization.stage must be 0, 1, 2 or 3"]),
     ("ds-config-dtype-mismatch", lambda c: _deepspeed(c, (REPO / "configs/ds/zero2-bf16.json").read_text()),
      ["torch_autocast is on but train.dtype is float32"]),
-    ("ds-zero3-gradient-growth", lambda c: _deepspeed(c, '{"zero_optimization": {"stage": 3}}', "rank.policy=energy"),
-     ["rank.grow_directions: 'gradient' does not work under ZeRO-3"]),
     ("inspect-missing", lambda c: ["inspect", str(c.case / "no-run")], ["no-run: no tsvd checkpoint here"]),
     ("inspect-empty-dir", lambda c: ["inspect", str(c.case)], ["no tsvd checkpoint here"]),
     ("inspect-set-on-checkpoint", lambda c: ["inspect", str(c.world / "run"), "--set", "seed=1"], ["--set applies to configs"]),

@@ -324,6 +324,36 @@ def test_single_process_without_launcher_equals_torch_engine(tmp_path):
     assert repr(got) == repr(want)  # repr: nan == nan
 
 
+def test_gradient_growth_under_zero3_matches_zero1(tmp_path):
+    """Gradient-sketch growth at ZeRO-3 (factors gathered by ``engine.sketch_factors``) adds, up to
+    rounding, the directions ZeRO-1 adds: the projectors onto the two new spans differ by ≤ 1e-3 (the
+    runs agree to ~1e-6; see LOSS_RTOL). The random fallback's span is far from both (> 0.5): the
+    comparison can tell sketched directions from random ones."""
+    from tsvd.sketch import random_directions
+
+    runs = {stage: launch(f"sketch-zero{stage}", {"ds_config": stage_config(stage, tmp_path), "steps": 2,
+                                                  "sketch_growth": True}, tmp_path) for stage in (1, 3)}
+    grown = {}
+    for stage, run in runs.items():
+        records = [event(run, "sketch_growth", rank) for rank in range(run["world_size"])]
+        assert all(r["usable"] for r in records), stage
+        assert all(r == records[0] | {"usable": r["usable"]} for r in records), stage  # same result on every rank
+        assert [(c["layer"], c["old"], c["new"]) for c in records[0]["changes"]] == [(ds_common.GROWN, 5, 7)]
+        U, V = (torch.tensor(records[0][f"{k}_after"]) for k in ("U", "V"))
+        for F in (U, V):
+            assert (F.T @ F - torch.eye(7)).norm() <= ORTHO_TOL, stage
+        grown[stage] = (U[:, 5:], V[:, 5:], torch.tensor(records[0]["U_before"]), torch.tensor(records[0]["V_before"]))
+
+    def distance(A: torch.Tensor, B: torch.Tensor) -> float:
+        return float((A @ A.T - B @ B.T).norm())
+
+    (U1, V1, U_old, V_old), (U3, V3, _, _) = grown[1], grown[3]
+    assert distance(U1, U3) <= 1e-3 and distance(V1, V3) <= 1e-3
+    U_rand, V_rand = random_directions(U_old, V_old, 2, torch.Generator().manual_seed(ds_common.make_config().seed
+                                                                                      * 1_000_003 + 3))
+    assert distance(U_rand, U1) > 0.5 and distance(V_rand, V1) > 0.5
+
+
 @pytest.fixture(scope="module")
 def cli_zero3_run(tmp_path_factory) -> Path:
     """``launch/multi_gpu.sh`` → ``deepspeed`` → ``python -m tsvd.cli train``: the trainer on 2 CPU

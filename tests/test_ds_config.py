@@ -59,15 +59,6 @@ def test_malformed_sections_are_user_errors(tmp_path, section, message):
         resolve_ds_config(cfg, world_size=1)
 
 
-def test_gradient_growth_is_refused_under_zero3():
-    cfg = ds_common.make_config(str(REPO / "configs/ds/zero3.json"))
-    cfg.rank.policy = "energy"
-    with pytest.raises(UserError, match="rank.grow_directions: 'gradient' does not work under ZeRO-3"):
-        resolve_ds_config(cfg, world_size=2)
-    cfg.rank.grow_directions = "random"
-    assert zero_stage(resolve_ds_config(cfg, world_size=2)) == 3
-
-
 def test_load_config_checks_the_json(tmp_path):
     """``load_config`` reads the JSON a config names: its mistakes surface before any launcher starts."""
     from conftest import tiny_raw

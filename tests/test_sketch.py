@@ -74,6 +74,31 @@ def test_directions_capture_the_top_gradient_pairs():
     assert random_gain < 0.2 * best
 
 
+def test_given_factors_replace_the_modules_own():
+    """``factors=`` (what ``Engine.sketch_factors`` hands over under ZeRO-3, where the modules hold only
+    partitions) is read instead of the modules' ``U``, ``V``: the same factors give the same sketch
+    bitwise, even when the module's own are unreadable; other factors give another sketch."""
+    x, W = decaying_problem()
+
+    def sketch_of(model, factors):
+        with GradientSketch(model, width=K, generator=torch.Generator().manual_seed(2), factors=factors) as sk:
+            loss_of(model, x, W)[1].backward()
+        return sk.sketches["0"]
+
+    model = layer_model()
+    plain = sketch_of(model, None)
+    full = {"0": (model[0].U.detach().clone(), model[0].V.detach().clone())}
+    model = layer_model()
+    with torch.no_grad():  # a stand-in for a ZeRO-3 partition: the module's own U is useless
+        model[0].U.zero_()
+    given = sketch_of(model, full)
+    for key in ("omega", "psi"):
+        assert torch.equal(getattr(plain, key), getattr(given, key)), key
+    other = sketch_of(layer_model(), {"0": random_directions(full["0"][0], full["0"][1], full["0"][0].shape[1],
+                                                             torch.Generator().manual_seed(5))})
+    assert not torch.allclose(plain.omega, other.omega)
+
+
 def test_accumulates_over_micro_batches():
     x, W = decaying_problem(T=128)
     sketches = []

@@ -102,12 +102,15 @@ class GradientSketch:
     ``width``: directions the sketch should be able to supply per layer — an int, a ``{layer: k}``
     mapping (``RankController.sketch_width``: only the layers about to grow), or ``None`` for the layer's
     current rank.
+    ``factors``: ``{layer: (U, V)}``, full, for layers whose modules do not hold their factors whole
+    (ZeRO-3 partitions them; ``Engine.sketch_factors`` gathers them); by default the modules' own.
     Hooks are removed on exit; the sketches stay readable, so ``directions`` is called after the step.
     Transient memory per sketched layer: ``(m + n)·(ℓ + ℓ')`` floats twice (test matrices + sketches).
     """
 
     def __init__(self, model: nn.Module, layers: list[str] | None = None, oversample: int = OVERSAMPLE,
-                 generator: torch.Generator | None = None, *, width: int | Mapping[str, int] | None = None) -> None:
+                 generator: torch.Generator | None = None, *, width: int | Mapping[str, int] | None = None,
+                 factors: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> None:
         self.modules = {n: m for n, m in model.named_modules() if isinstance(m, SpectralModule)}
         if layers is None:
             names = width if isinstance(width, Mapping) else self.modules
@@ -116,6 +119,7 @@ class GradientSketch:
             if not isinstance(self.modules.get(name), SpectralLinear):
                 raise ValueError(f"GradientSketch: {name!r} is not a SpectralLinear of this model")
         self.layers, self.width, self.oversample = list(layers), width, oversample
+        self.factors = dict(factors or {})
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.sketches: dict[str, LayerSketch] = {}
         self._handles: list = []
@@ -133,7 +137,7 @@ class GradientSketch:
     def __enter__(self) -> "GradientSketch":
         for name in self.layers:
             mod = self.modules[name]
-            U, V = mod.U.detach().float(), mod.V.detach().float()
+            U, V = (t.detach().float() for t in self.factors.get(name, (mod.U, mod.V)))
             (m, r), n = U.shape, V.shape[0]
             width = self._width(name, r)
             ell = min(width + self.oversample, min(m, n) - r)

@@ -302,7 +302,7 @@ class Trainer:
         width = self.controller.sketch_width(self.step + 1, self.engine.spectra())
         if not width:
             return contextlib.nullcontext()
-        return GradientSketch(self.model, width=width,
+        return GradientSketch(self.model, width=width, factors=self.engine.sketch_factors(list(width)),
                               generator=torch.Generator().manual_seed(self.cfg.seed + self.step))
 
     def _change_ranks(self, sketch) -> None:

@@ -74,6 +74,12 @@ class Engine(ABC):
     def load(self, path: Path) -> dict:
         """Restore what ``save`` wrote; returns the ``client_state``."""
 
+    def sketch_factors(self, layers: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer: (U, V)}``, full, for a ``GradientSketch`` of these spectral layers (every rank calls
+        it: collective where the engine partitions parameters)."""
+        modules = dict(self.model.named_modules())
+        return {name: (modules[name].U, modules[name].V) for name in layers}
+
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 

@@ -507,6 +507,18 @@ class DeepSpeedEngine(Engine):
         with deepspeed.zero.GatheredParameters(list(cores.values()), modifier_rank=None, enabled=self.stage == 3):
             return {n: s.detach().float().cpu().clone() for n, s in cores.items()}
 
+    @torch.no_grad()
+    def sketch_factors(self, layers: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+        """ZeRO-3: the layers' factors gathered and copied (a few at a time is the caller's choice: the
+        controller sketches only the layers about to grow); other stages hold them whole."""
+        if self.stage != 3:
+            return super().sketch_factors(layers)
+        modules = dict(self.model.named_modules())
+        pairs = {name: (modules[name].U, modules[name].V) for name in layers}
+        gathered = [p for pair in pairs.values() for p in pair]
+        with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None):
+            return {name: (U.detach().clone(), V.detach().clone()) for name, (U, V) in pairs.items()}
+
     # ---- checkpoints -------------------------------------------------------------------
 
     def save(self, path: Path, client_state: dict) -> None:

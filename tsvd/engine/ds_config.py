@@ -85,8 +85,4 @@ def resolve_ds_config(cfg: Config, world_size: int) -> dict:
     """The JSON for ``deepspeed.initialize``: ``engine.deepspeed_config`` read, checked against the
     rest of ``cfg`` and completed for ``world_size`` processes (``build_ds_config``)."""
     source = cfg.engine.deepspeed_config
-    out = build_ds_config(read_ds_config(source), cfg, world_size, source)
-    if zero_stage(out) == 3 and cfg.rank.policy != "static" and cfg.rank.grow_directions == "gradient":
-        raise UserError("rank.grow_directions: 'gradient' does not work under ZeRO-3 yet (the gradient "
-                        "sketch reads the partitioned factors); use 'random' or ZeRO stage ≤ 2")
-    return out
+    return build_ds_config(read_ds_config(source), cfg, world_size, source)

@@ -113,9 +113,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.lock = RunLock(self.out_dir)  # global rank 0 holds it from here (an existing out_dir) or from
-        if _global_rank() == 0 and self.out_dir.is_dir():  # its first write: nothing is created before
-            self.lock.acquire()  # the inputs are checked; a second run can neither resume nor write here
+        # One run per out_dir (tsvd.run_lock), held by global rank 0: from here when the directory exists
+        # (before `latest` is read), else from the first write, so nothing is created before the inputs
+        # are checked.
+        self.lock = RunLock(self.out_dir)
+        if _global_rank() == 0 and self.out_dir.is_dir():
+            self.lock.acquire()
         try:
             self._build(resume, progress)
         except BaseException:

@@ -209,6 +209,36 @@ def test_interrupt_checkpoints_only_at_a_step_boundary(tiny_config, tmp_path, mo
     assert reference == reference[:4] + [*losses_of(second, 4, 6)] + tail
 
 
+def test_sigterm_checkpoints_at_the_step_boundary(tiny_config, tmp_path, monkeypatch, default_sigint):
+    """SIGTERM (a scheduler preempting the job) inside a step: the step finishes, is checkpointed, the run
+    stops; SIGTERM's default handling is back afterwards, and the resumed run equals the uninterrupted one."""
+    over = (*FAST, "train.steps=6", "train.checkpoint_interval=100", "train.eval_interval=100", "train.log_interval=1")
+    full = Trainer(tiny_config(*over, f"out_dir={tmp_path}/full"), progress=False)
+    reference = full.fit().train_losses
+    full.close()
+
+    cut = Trainer(tiny_config(*over, f"out_dir={tmp_path}/cut"), progress=False)
+    real_step = cut.engine.train_step
+
+    def sigterm_inside_step(*args, **kwargs):
+        if cut.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred to the end of step 3
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(cut.engine, "train_step", sigterm_inside_step)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    cut.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert cut.step == 3 and ckpt.latest_checkpoint(cut.ckpt_root).name == "step-00000003"
+
+    resumed = Trainer(tiny_config(*over, f"out_dir={tmp_path}/cut"), progress=False)
+    tail = resumed.fit().train_losses
+    resumed.close()
+    assert reference == [*losses_of(cut, 0, 3)] + tail
+
+
 def losses_of(trainer: Trainer, start: int, stop: int) -> list[float]:
     """Losses of steps ``start+1..stop`` as logged to metrics.jsonl by ``trainer``'s out_dir (the last entry per step)."""
     logged = losses_by_step(trainer.out_dir)

@@ -40,26 +40,30 @@ class TrainingError(RuntimeError):
 
 
 class _DeferredInterrupt:
-    """While installed (single process, main thread), the first Ctrl-C (SIGINT) only sets ``requested``:
-    the loop finishes the current step and stops at its end with a checkpoint. A second Ctrl-C interrupts
-    at once (no checkpoint if that is inside a step). ``restore()`` puts the previous handler back."""
+    """While installed (single process, main thread), the first Ctrl-C (SIGINT) or SIGTERM (how schedulers
+    such as SLURM preempt a job) only sets ``requested``: the loop finishes the current step and stops at
+    its end with a checkpoint. A second one interrupts at once (no checkpoint if that is inside a step).
+    A signal whose handler is not the default one is left alone. ``restore()`` puts the handlers back."""
+
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self, enabled: bool = True) -> None:
-        self.requested, self.previous = False, None
-        if enabled and threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.requested, self.previous = False, {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for signum, default in self.DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("interrupt: stopping after this step (Ctrl-C again to stop at once)")
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
 
     def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 @dataclass

@@ -114,12 +114,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def read_meta(path: Path) -> dict:
-    """``meta.json`` of a checkpoint directory (also accepts a run's checkpoints root → latest)."""
-    path = Path(path)
-    if (path / LATEST).is_file():
-        path = latest_checkpoint(path)
-    elif (path / "checkpoints" / LATEST).is_file():
-        path = latest_checkpoint(path / "checkpoints")
+    """``meta.json`` of a checkpoint (a step dir, a checkpoints root or a run's out_dir: ``resolve_checkpoint``)."""
+    path = resolve_checkpoint(path)
     meta_file = path / META_FILE
     meta = read_document(meta_file, "JSON", f"{path}: not a tsvd checkpoint (no {META_FILE})")
     if not isinstance(meta, dict):

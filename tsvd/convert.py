@@ -50,7 +50,9 @@ def format_report(rows: Sequence[LayerReport]) -> str:
     return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches_glob(name: str, patterns: Sequence[str]) -> bool:
+    """Does the module name match one of the globs (``fnmatch``, case-sensitive)? The rule of ``targets``
+    and ``exclude``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -82,7 +84,7 @@ def spectralize(
         raise UserError(f"spectralize: init must be one of {INITS} or None, got {init!r}")
 
     chosen = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and _matches(n, targets) and not _matches(n, exclude)]
+              if isinstance(m, nn.Linear) and matches_glob(n, targets) and not matches_glob(n, exclude)]
     if any(name == "" for name, _ in chosen):
         raise UserError("spectralize: the model itself is an nn.Linear and cannot be replaced in place; "
                         "use SpectralLinear.from_linear(layer, ...) instead")

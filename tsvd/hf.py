@@ -24,7 +24,6 @@ Factor checkpoint layout (a directory)::
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import shutil
@@ -39,11 +38,11 @@ from torch.nn import functional as F
 
 from tsvd import checkpoint as ckpt
 from tsvd.config import ModelConfig, TrainConfig, config_from_dict
-from tsvd.convert import LayerReport, densify, format_report, spectralize
+from tsvd.convert import LayerReport, densify, format_report, matches_glob, spectralize
 from tsvd.errors import UserError, read_document
 from tsvd.optim import build_adamw, lr_multiplier, set_lr
 from tsvd.retraction import Retractor
-from tsvd.spectral import SpectralEmbedding, SpectralLinear, SpectralModule
+from tsvd.spectral import SpectralEmbedding, SpectralLinear, SpectralModule, set_ranks_for_loading
 from tsvd.spectrum import check_energy
 
 FORMAT = "tsvd-hf-factors"
@@ -173,23 +172,17 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _spectral_shell(mod: nn.Module, name: str, kind: str, rank: int) -> nn.Module | None:
     """A spectral layer of ``rank`` with uninitialized content to replace ``mod`` (``None``: resized in place)."""
-    if kind == "linear":
-        if isinstance(mod, SpectralLinear):
-            if mod.rank != rank:
-                mod.reallocate_(rank)
-            return None
-        if isinstance(mod, nn.Linear):
-            new = SpectralLinear(mod.in_features, mod.out_features, rank, bias=mod.bias is not None,
-                                 device="meta", dtype=mod.weight.dtype)
-            return new.to_empty(device=mod.weight.device)
-    elif kind == "embedding":
-        if isinstance(mod, SpectralEmbedding):
-            if mod.rank != rank:
-                mod.reallocate_(rank)
-            return None
-        if isinstance(mod, nn.Embedding):
-            new = SpectralEmbedding(mod.num_embeddings, mod.embedding_dim, rank, device="meta", dtype=mod.weight.dtype)
-            return new.to_empty(device=mod.weight.device)
+    spectral, dense = {"linear": (SpectralLinear, nn.Linear), "embedding": (SpectralEmbedding, nn.Embedding)}.get(
+        kind, (None, None))
+    if spectral is not None and isinstance(mod, spectral):
+        if mod.rank != rank:
+            mod.reallocate_(rank)
+        return None
+    if dense is not None and isinstance(mod, dense):
+        new = (SpectralLinear(mod.in_features, mod.out_features, rank, bias=mod.bias is not None, device="meta",
+                              dtype=mod.weight.dtype) if kind == "linear"
+               else SpectralEmbedding(mod.num_embeddings, mod.embedding_dim, rank, device="meta", dtype=mod.weight.dtype))
+        return new.to_empty(device=mod.weight.device)
     raise UserError(f"factor checkpoint: layer {name!r} is a spectral {kind} but the model has a "
                     f"{type(mod).__name__} there (checkpoint from a different model?)")
 
@@ -269,11 +262,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise UserError(f"{out_dir}: exists and is not a directory")
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """The glob rule of ``spectralize``."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _output_head(model: nn.Module) -> tuple[str | None, bool]:
     """``(name of the output projection, whether it is tied to the input embedding)``."""
     get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
@@ -345,7 +333,7 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
         if head:
             exclude.append(head)
     targets = list(targets)
-    if head and tied and _matches(head, targets) and not _matches(head, exclude):
+    if head and tied and matches_glob(head, targets) and not matches_glob(head, exclude):
         raise UserError(f"{head} is tied to the input embedding and cannot be spectral on its own; "
                         f"add --exclude {head}")
     t_load = time.perf_counter() - t0
@@ -444,9 +432,7 @@ def load_tsvd_checkpoint(src: str | Path) -> tuple[nn.Module, dict]:
     source, weights = _checkpoint_weights(path, meta)
     cfg = config_from_dict(meta.get("config", {}))
     model = build_model(cfg.model)
-    apply_layout(model, {name: {"kind": "embedding" if isinstance(mod, SpectralEmbedding) else "linear",
-                                "rank": meta.get("ranks", {}).get(name, mod.rank)}
-                         for name, mod in model.named_modules() if isinstance(mod, SpectralModule)})
+    set_ranks_for_loading(model, meta.get("ranks", {}))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -10,7 +10,7 @@ from tsvd import checkpoint as ckpt
 from tsvd.config import Config, config_from_dict, load_config
 from tsvd.data import read_meta as read_data_meta
 from tsvd.errors import UserError
-from tsvd.spectral import SpectralModule
+from tsvd.spectral import SpectralModule, set_ranks_for_loading
 
 BYTES_PER_PARAM_ADAMW = 16  # fp32 weight + gradient + two Adam moments
 
@@ -74,7 +74,6 @@ def describe_model(model: nn.Module) -> str:
 
 def describe(target: Path, overrides: list[str] = ()) -> str:
     from tsvd.model import build_model
-    from tsvd.trainer import set_ranks_for_loading
 
     cfg, ranks, title = load_target(Path(target), list(overrides))
     model = build_model(cfg.model, device="meta")

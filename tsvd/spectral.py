@@ -249,3 +249,21 @@ def resolve_rank(S: Tensor, rank: int | None, energy: float | None, rows: int, c
     if rank is not None:
         return check_rank(rank, rows, cols)
     return rank_for_energy(S, energy)
+
+
+def spectral_ranks(model: nn.Module) -> dict[str, int]:
+    """``{module name: rank}`` of every spectral layer (ZeRO-3-safe: ``SpectralModule.rank`` reads the
+    full shape)."""
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, SpectralModule)}
+
+
+def set_ranks_for_loading(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Give each spectral layer the rank stored in a checkpoint (content comes from the load)."""
+    layers = dict(model.named_modules())
+    for name, rank in ranks.items():
+        mod = layers.get(name)
+        if not isinstance(mod, SpectralModule):
+            raise UserError(f"checkpoint has spectral layer {name!r}, which this model does not have "
+                            "(checkpoint from a different model?)")
+        if mod.rank != rank:
+            mod.reallocate_(rank)

@@ -29,7 +29,7 @@ from tsvd.metrics import Metrics, layer_stats, memory_stats
 from tsvd.model import build_model
 from tsvd.optim import lr_multiplier
 from tsvd.run_lock import RunLock
-from tsvd.spectral import SpectralModule
+from tsvd.spectral import SpectralModule, set_ranks_for_loading, spectral_ranks
 
 
 DATA_WAIT_S = 3600  # how long non-zero ranks wait for rank 0 to prepare the data
@@ -75,22 +75,6 @@ class TrainSummary:
     checkpoint: str | None = None
     tokens_per_s: float = 0.0
     is_main: bool = True  # rank 0 (the one that reports)
-
-
-def spectral_ranks(model: torch.nn.Module) -> dict[str, int]:
-    return {n: m.rank for n, m in model.named_modules() if isinstance(m, SpectralModule)}
-
-
-def set_ranks_for_loading(model: torch.nn.Module, ranks: dict[str, int]) -> None:
-    """Give each spectral layer the rank stored in a checkpoint (content comes from the load)."""
-    layers = dict(model.named_modules())
-    for name, rank in ranks.items():
-        mod = layers.get(name)
-        if not isinstance(mod, SpectralModule):
-            raise UserError(f"checkpoint has spectral layer {name!r}, which this model does not have "
-                            "(checkpoint from a different model?)")
-        if mod.rank != rank:
-            mod.reallocate_(rank)
 
 
 def _global_rank() -> int:

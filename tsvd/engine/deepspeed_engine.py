@@ -68,7 +68,7 @@ from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
 from tsvd.sketch import GradientSketch
-from tsvd.spectral import SpectralModule
+from tsvd.spectral import SpectralModule, spectral_ranks
 from tsvd.surgery import apply_plan
 
 #: Checkpoint tag: ``save(path)`` writes ``path/<TAG>/...``.
@@ -244,11 +244,6 @@ def read_full_params(path: Path) -> dict[str, Tensor]:
     for alias, source in states.get("shared_params", {}).items():
         params[alias] = params[source]
     return params
-
-
-def spectral_ranks(model: nn.Module) -> dict[str, int]:
-    """``{module name: rank}`` of every spectral module (ZeRO-3-safe: reads the full shape of ``s``)."""
-    return {n: full_shape(m.s)[0] for n, m in model.named_modules() if isinstance(m, SpectralModule)}
 
 
 class NamedState:

@@ -28,3 +28,11 @@ def read_document(path: str | Path, kind: str, missing: str) -> Any:
         return json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise UserError(f"{path}: not valid {kind} ({str(e).splitlines()[0]})") from None
+
+
+def unpickler_reason(e: Exception) -> str:
+    """The one informative line of torch's ``weights_only`` refusal (e.g. "Unsupported global: GLOBAL io.open")."""
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return "weights_only=True"

@@ -50,7 +50,6 @@ FORMAT_VERSION = 1
 FACTORS_FILE = "factors.safetensors"
 META_FILE = "tsvd_factors.json"
 REPORT_JSON, REPORT_TXT = "report.json", "report.txt"
-ENGINE_STATE = "engine_state.pt"  # written by tsvd.engine.torch_engine.TorchEngine
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
@@ -449,14 +448,13 @@ def _checkpoint_weights(path: Path, meta: dict) -> tuple[Path, dict[str, Tensor]
             raise UserError(f"{path}: a DeepSpeed checkpoint; reading it needs deepspeed "
                             "(pip install deepspeed)") from None
         return path, read_full_params(path)
-    state_file = path / ENGINE_STATE
-    if not state_file.is_file():
-        raise UserError(f"{path}: no {ENGINE_STATE} (incomplete checkpoint of the torch engine)")
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated or foreign file; weights_only refuses anything executable
-        raise UserError(f"{state_file}: cannot be read safely ({str(e).splitlines()[0]})") from None
-    return state_file, {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    from tsvd.engine.torch_engine import STATE_FILE, read_state
+
+    state_file = path / STATE_FILE
+    state = read_state(state_file, mmap=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{state_file}: not a tsvd engine state (no 'model' entry)")
+    return state_file, state["model"]
 
 
 def _tsvd_tokenizer(meta: dict) -> Any:

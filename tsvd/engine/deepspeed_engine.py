@@ -64,7 +64,7 @@ from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
 from tsvd.engine.ds_config import resolve_ds_config, zero_stage
-from tsvd.errors import UserError
+from tsvd.errors import UserError, unpickler_reason
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
 from tsvd.sketch import GradientSketch
@@ -198,10 +198,8 @@ def weights_only_loader(path: str, map_location=None) -> dict:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            reason = next((line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
-                           for line in str(e).splitlines() if "WeightsUnpickler error:" in line), "weights_only=True")
             raise UserError(f"{path}: refused: it holds objects other than tensors, plain containers and "
-                            f"DeepSpeed's checkpoint classes ({reason}); not loaded") from None
+                            f"DeepSpeed's checkpoint classes ({unpickler_reason(e)}); not loaded") from None
 
 
 def read_client_state(path: Path) -> dict:

@@ -14,7 +14,7 @@ from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
-from tsvd.errors import UserError
+from tsvd.errors import UserError, unpickler_reason
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor
 from tsvd.sketch import GradientSketch
@@ -106,19 +106,10 @@ class TorchEngine(Engine):
                     "client_state": client_state}, Path(path) / STATE_FILE)
 
     def load(self, path: Path) -> dict:
-        """Restore a checkpoint written by ``save``. The file is read with ``weights_only=True``: tensors and
-        plain containers only, so a hostile file cannot run code; any unreadable, refused or mismatching
-        file is a ``UserError`` naming it."""
+        """Restore a checkpoint written by ``save`` (read by ``read_state``: tensors and plain containers
+        only); any unreadable, refused or mismatching file is a ``UserError`` naming it."""
         file = Path(path) / STATE_FILE
-        if not file.is_file():
-            raise UserError(f"{path}: no {STATE_FILE} (not a checkpoint of the torch engine, or incomplete)")
-        try:
-            state = torch.load(file, map_location=self.device, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UserError(f"{file}: refused: it holds objects other than tensors and plain containers, which "
-                            f"tsvd never writes ({_unpickler_reason(e)}); not loaded") from None
-        except Exception as e:  # truncated or not a torch file at all
-            raise UserError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        state = read_state(file, self.device)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -128,10 +119,15 @@ class TorchEngine(Engine):
             raise UserError(f"{file}: does not fit this model and optimizer ({type(e).__name__}: {detail})") from None
 
 
-def _unpickler_reason(e: Exception) -> str:
-    """The one informative line of torch's ``weights_only`` refusal (e.g. "Unsupported global: GLOBAL io.open")."""
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
-    return "weights_only=True"
-
+def read_state(file: Path, map_location: torch.device | str = "cpu", mmap: bool = False) -> dict:
+    """What ``TorchEngine.save`` wrote into ``file``, read with ``weights_only=True``: a hostile file cannot
+    run code. A missing, truncated, foreign or refused file is a ``UserError`` naming it."""
+    if not file.is_file():
+        raise UserError(f"{file.parent}: no {STATE_FILE} (not a checkpoint of the torch engine, or incomplete)")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{file}: refused: it holds objects other than tensors and plain containers, which "
+                        f"tsvd never writes ({unpickler_reason(e)}); not loaded") from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise UserError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -47,15 +47,15 @@ def resize_state_(optimizer: torch.optim.Optimizer | None, params: list[nn.Param
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, plan: RankPlan,
-               sketch: GradientSketch | None = None, generator: torch.Generator | None = None) -> list[RankChange]:
+               sketch: GradientSketch | None = None, seed: int = 0) -> list[RankChange]:
     """Resize the layers named in ``plan.ranks`` (and their optimizer state); returns what changed.
 
-    Growth directions come from ``sketch`` when given, else are random from ``generator`` (default:
-    seeded with ``plan.step``, so a replayed plan regrows the same directions). ``plan.before``, when
+    Growth directions come from ``sketch`` when given, else are random, seeded by ``(seed, plan.step)``:
+    a resumed or replayed plan regrows the same directions, on every engine. ``plan.before``, when
     present, must match the model's ranks (a replay onto a different model state is refused).
     """
     modules = dict(model.named_modules())
-    generator = generator if generator is not None else torch.Generator().manual_seed(plan.step)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + plan.step)
     changes: list[RankChange] = []
     for name, new in plan.ranks.items():
         mod = modules.get(name)

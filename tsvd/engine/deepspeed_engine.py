@@ -202,13 +202,19 @@ def weights_only_loader(path: str, map_location=None) -> dict:
                             f"DeepSpeed's checkpoint classes ({unpickler_reason(e)}); not loaded") from None
 
 
-def read_client_state(path: Path) -> dict:
-    """The ``client_state`` that ``DeepSpeedEngine.save`` stored in ``path``, without building an engine
-    (e.g. to read the per-layer ranks and build the model with them before ``load``)."""
-    files = sorted((Path(path) / TAG).glob("*model_states.pt"))
+def _model_states(path: Path) -> tuple[Path, dict]:
+    """(file, contents) of the first model-states file of the checkpoint ``DeepSpeedEngine.save`` wrote
+    into ``path`` (every rank's holds the same client state and layout)."""
+    directory = Path(path) / TAG
+    files = sorted(directory.glob("*model_states.pt"))
     if not files:
-        raise FileNotFoundError(f"no DeepSpeed model states under {Path(path) / TAG}")
-    return weights_only_loader(str(files[0]), map_location="cpu")["tsvd_client_state"]
+        raise UserError(f"{directory}: no DeepSpeed model states (not a checkpoint of the DeepSpeed engine)")
+    return files[0], weights_only_loader(str(files[0]), map_location="cpu")
+
+
+def read_client_state(path: Path) -> dict:
+    """The ``client_state`` that ``DeepSpeedEngine.save`` stored in ``path``, without building an engine."""
+    return _model_states(path)[1]["tsvd_client_state"]
 
 
 def read_full_params(path: Path) -> dict[str, Tensor]:
@@ -218,13 +224,10 @@ def read_full_params(path: Path) -> dict[str, Tensor]:
     Stages 0–2 keep full parameters in the model states. ZeRO-3 keeps only each rank's fp32 partitions:
     every parameter, in ``param_shapes`` order, holds ``ceil(numel / ranks)`` values of each rank's flat
     groups (zero-padded at its end), which are put back together here."""
-    directory = Path(path) / TAG
-    files = sorted(directory.glob("*model_states.pt"))
-    if not files:
-        raise UserError(f"{directory}: no DeepSpeed model states (not a checkpoint of the DeepSpeed engine)")
-    states = weights_only_loader(str(files[0]), map_location="cpu")
-    if zero_stage(states.get("ds_config", {}), str(files[0])) < 3:
+    file, states = _model_states(path)
+    if zero_stage(states.get("ds_config", {}), str(file)) < 3:
         return {name: t.detach().float().clone() for name, t in states["module"].items()}
+    directory = file.parent
     shards = sorted(directory.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                     key=lambda f: int(f.name.split("_")[3]))
     flats = [torch.cat(weights_only_loader(str(f), map_location="cpu")["optimizer_state_dict"]["fp32_flat_groups"])
@@ -304,6 +307,11 @@ class DeepSpeedEngine(Engine):
         self.model = self.engine.module
         self.device = self.engine.device
         self.retractor = Retractor(self.model, self.cfg.train.retraction, self.cfg.train.lazy_tol)
+        # What every step reads, fixed until the next rebuild (ZeRO keeps these parameter objects).
+        self.factors = list(spectral_factors(self.model).items())
+        self.cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
+        names = [g.get("name") for g in self.optimizer.param_groups]
+        self.cores_group = names.index("cores") if "cores" in names else None
 
     @torch.no_grad()
     def _broadcast_module(self, model: nn.Module) -> None:
@@ -360,11 +368,9 @@ class DeepSpeedEngine(Engine):
         them: the full ``s`` at stages 1–2, the local partition (plus the full copy of a persistent ``s``)
         at stage 3. Full copies are given as the parameters: ZeRO-3 swaps a persistent one's ``.data``
         when it re-gathers it after the step, and a restore must write into the current storage."""
-        names = [g.get("name") for g in self.optimizer.param_groups]
-        if "cores" not in names:
+        group, cores = self.cores_group, list(self.cores.values())
+        if group is None:
             return []
-        group = names.index("cores")
-        cores = [m.s for m in self.model.modules() if isinstance(m, SpectralModule)]
         if self.stage == 0:
             return cores
         if self.stage in (1, 2):
@@ -375,7 +381,7 @@ class DeepSpeedEngine(Engine):
 
     def _non_finite_cores(self) -> list[str]:
         """Names of the spectral modules whose ``s`` holds a NaN or an infinity (the same on every rank)."""
-        return self._non_finite({n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)})
+        return self._non_finite(self.cores)
 
     def non_finite_parameters(self) -> list[str]:
         return self._non_finite(dict(self.model.named_parameters()))
@@ -432,7 +438,7 @@ class DeepSpeedEngine(Engine):
         """Orthonormalize every factor — each by its owner — and leave the result, identical on every
         rank, in both the working parameters and the fp32 master."""
         t0 = time.perf_counter()
-        factors = list(spectral_factors(self.model).items())
+        factors = self.factors
         if self.stage == 3:
             for chunk in chunks_by_bytes(factors, GATHER_BYTES):
                 with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0):
@@ -468,12 +474,12 @@ class DeepSpeedEngine(Engine):
     def _merge_reports(self, names: list[str]) -> RetractionReport:
         """Share every owner's cache entries (one small all-reduce) so that each rank's ``retractor.cache``
         and the returned report (retracted, fallbacks, repairs, drift) cover all factors."""
-        stats = torch.zeros(len(names), 5, dtype=torch.float64, device=self.device)
-        for i, name in enumerate(names):
-            if self.owners[name] == self.rank:
-                c = self.retractor.cache[name]
-                stats[i] = torch.tensor([c.drift, float(c.householder), float(c.skipped), float(c.repaired),
-                                         math.nan if c.error is None else c.error])
+        rows = []
+        for name in names:
+            c = self.retractor.cache[name]
+            rows.append([c.drift, float(c.householder), float(c.skipped), float(c.repaired),
+                         math.nan if c.error is None else c.error] if self.owners[name] == self.rank else [0.0] * 5)
+        stats = torch.tensor(rows, dtype=torch.float64, device=self.device).reshape(len(names), 5)
         if self.world_size > 1:
             stats = stats.nan_to_num(nan=-1.0)
             dist.all_reduce(stats)
@@ -516,7 +522,7 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path: Path, client_state: dict) -> None:
         """All ranks: a DeepSpeed checkpoint under ``path/deepspeed`` with ``client_state`` and the model's
-        per-layer ranks (``read_client_state`` reads them back without an engine)."""
+        per-layer ranks (``read_client_state`` reads the client state back without an engine)."""
         state = {"tsvd_client_state": client_state, "tsvd_spectral_ranks": spectral_ranks(self.model)}
         self.engine.save_checkpoint(str(path), tag=TAG, client_state=state, save_latest=False)
 
@@ -524,7 +530,7 @@ class DeepSpeedEngine(Engine):
         """All ranks: restore parameters, optimizer state and step counters bitwise; returns ``client_state``.
 
         The model must already have the checkpoint's per-layer ranks (build it from
-        ``read_client_state(path)["ranks"]`` or the equivalent)."""
+        the ``ranks`` in the checkpoint's ``meta.json``, as the trainer does)."""
         load_path, state = self.engine.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {Path(path) / TAG}")
@@ -539,7 +545,7 @@ class DeepSpeedEngine(Engine):
 
     def apply_rank_plan(self, plan: RankPlan, sketch: GradientSketch | None = None) -> list[RankChange]:
         """``tsvd.surgery.apply_plan`` through ``apply_rank_change``: resized on rank 0 (random growth
-        seeded by ``(seed, plan.step)`` as in ``TorchEngine``), broadcast, engine rebuilt. Every rank
+        seeded as in ``TorchEngine``), broadcast, engine rebuilt. Every rank
         returns the same changes. A ``sketch`` is first summed over ranks, so rank 0 reads the gradient
         of the whole global batch."""
         if sketch is not None:
@@ -547,11 +553,10 @@ class DeepSpeedEngine(Engine):
         changes: list[RankChange] = []
 
         def surgery(model: nn.Module, optimizer_state: dict[str, dict[str, Tensor]]) -> None:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + plan.step)
             if sketch is not None:  # read the current factors from the copy (ZeRO-3's live ones are partitioned)
                 sketch.modules = {n: m for n, m in model.named_modules() if isinstance(m, SpectralModule)}
             state = NamedState(model, optimizer_state)
-            changes.extend(apply_plan(model, state, plan, sketch, generator))
+            changes.extend(apply_plan(model, state, plan, sketch, seed=self.cfg.seed))
 
         self.apply_rank_change(surgery)
         box = [changes]
@@ -689,7 +694,7 @@ class DeepSpeedEngine(Engine):
         old = self.engine.module
         self.engine.destroy()
         parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not old]
-        del self.engine, self.optimizer, self.model, self.retractor
+        del self.engine, self.optimizer, self.model, self.retractor, self.factors, self.cores
 
     def _restore(self, state: TrainingState) -> None:
         """Put Adam's moments and step, the lrs and DeepSpeed's counters back into a fresh engine."""

@@ -44,6 +44,8 @@ class TorchEngine(Engine):
         self.model = model.to(self.device)
         self.optimizer = build_adamw(self.model, cfg.train, self.device)
         self.retractor = Retractor(self.model, cfg.train.retraction, cfg.train.lazy_tol)
+        # rank changes resize these modules in place (their parameters may be new objects: read m.s each step)
+        self.spectral = {n: m for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
 
     def _autocast(self):
@@ -70,7 +72,7 @@ class TorchEngine(Engine):
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, grad_norm, True, RetractionReport())
-        cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
+        cores = {n: m.s for n, m in self.spectral.items()}
         before = CoreSnapshot.take(list(cores.values()), self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # free gradients before the retraction's temporaries
@@ -89,17 +91,16 @@ class TorchEngine(Engine):
         return sum(losses) / max(1, len(losses))
 
     def apply_rank_plan(self, plan: RankPlan, sketch: GradientSketch | None = None) -> list[RankChange]:
-        """Resize layers and AdamW state in place (``tsvd.surgery``); random growth directions are
-        seeded by ``(seed, plan.step)`` so a resumed or replayed run regrows the same ones."""
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + plan.step)
-        return apply_plan(self.model, self.optimizer, plan, sketch, generator)
+        """Resize layers and AdamW state in place (``tsvd.surgery.apply_plan``; random growth seeded by
+        ``(seed, plan.step)``)."""
+        return apply_plan(self.model, self.optimizer, plan, sketch, seed=self.cfg.seed)
 
     def non_finite_parameters(self) -> list[str]:
         named = dict(self.model.named_parameters())
         return [n for n, ok in zip(named, finite_flags(list(named.values())).tolist()) if not ok]
 
     def spectra(self) -> dict[str, Tensor]:
-        return {n: m.s.detach().float().cpu() for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
+        return {n: m.s.detach().float().cpu() for n, m in self.spectral.items()}
 
     def save(self, path: Path, client_state: dict) -> None:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

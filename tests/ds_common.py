@@ -78,14 +78,14 @@ def broadcast_list(engine, value: list | None) -> list:
 
 
 @contextlib.contextmanager
-def poison_s(engine, enabled: bool = True):
-    """While active, every optimizer update writes an infinity into element 0 of ``POISONED_S``'s fp32
-    ``s`` — where the optimizer keeps it: the parameter itself (``TorchEngine``, ZeRO-0), or the one
-    rank's partition that holds element 0 (ZeRO 1–3), so the other ranks see it only through ZeRO."""
+def poison_s(engine, enabled: bool = True, layer: str = POISONED_S):
+    """While active, every optimizer update writes an infinity into element 0 of ``layer``'s fp32 ``s`` —
+    where the optimizer keeps it: the parameter itself (``TorchEngine``, ZeRO-0), or the one rank's
+    partition that holds element 0 (ZeRO 1–3), so the other ranks see it only through ZeRO."""
     if not enabled:
         yield
         return
-    s = engine.model.get_submodule(POISONED_S).s
+    s = engine.model.get_submodule(layer).s
     stage = getattr(engine, "stage", 0)
 
     def hook(optimizer, args, kwargs) -> None:
@@ -128,3 +128,12 @@ def sloppy_retraction(enabled: bool = True):
         yield
     finally:
         stiefel.cholesky_r = real
+
+
+def spec_step(engine, cfg: Config, step: int, spec: dict):
+    """Training step ``step`` as a worker spec describes it (the same for ``DeepSpeedEngine`` ranks and the
+    one-process ``TorchEngine`` reference): ``poison`` makes the last rank's loss infinite, ``poison_s``
+    overflows one ``s`` in the update, ``sloppy`` spoils the Cholesky-QR results of a measured retraction."""
+    engine.model.poison = step == spec.get("poison") and engine.rank == engine.world_size - 1
+    with poison_s(engine, step == spec.get("poison_s")), sloppy_retraction(step == spec.get("sloppy")):
+        return engine.train_step(batches(step, cfg), lr_multiplier(step), measure=step == spec.get("sloppy"))

@@ -74,11 +74,7 @@ def main(spec_path: str) -> None:
         client = engine.load(Path(spec["resume"]))
         records.append({"event": "resumed", "client_state": client})
     for step in range(spec.get("start", 0), spec["steps"]):
-        engine.model.poison = step == spec.get("poison") and engine.rank == engine.world_size - 1
-        with ds_common.poison_s(engine, step == spec.get("poison_s")), \
-                ds_common.sloppy_retraction(step == spec.get("sloppy")):
-            res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step),
-                                    measure=step == spec.get("sloppy"))
+        res = ds_common.spec_step(engine, cfg, step, spec)
         records.append(step_record(engine, step, res))
         if step == spec.get("save_at"):
             engine.save(Path(spec["save_dir"]), {"step": step + 1, "ranks": {ds_common.SHRUNK: 5}})

@@ -162,11 +162,9 @@ def reference() -> list[dict]:
     try:
         engine = TorchEngine(cfg, ds_common.tiny_model())
         out = []
+        spec = {"poison": POISON, "poison_s": POISON_S, "sloppy": SLOPPY}
         for step in range(STEPS):
-            engine.model.poison = step == POISON
-            with ds_common.poison_s(engine, step == POISON_S), ds_common.sloppy_retraction(step == SLOPPY):
-                res = engine.train_step(ds_common.batches(step, cfg), ds_common.lr_multiplier(step),
-                                        measure=step == SLOPPY)
+            res = ds_common.spec_step(engine, cfg, step, spec)
             out.append({"loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "reason": res.reason,
                         "repaired": res.retraction.repaired})
     finally:
@@ -359,16 +357,14 @@ def cli_zero3_run(tmp_path_factory) -> Path:
     """``launch/multi_gpu.sh`` → ``deepspeed`` → ``python -m tsvd.cli train``: the trainer on 2 CPU
     processes with the shipped ``zero3-bf16.json`` (bf16 autocast; tiny parameters stay unpartitioned,
     the persistence path), 4 steps with checkpoints at 2 and 4; returns the run's out_dir."""
-    import yaml
-
     from conftest import tiny_raw
+    from killable import write_config
     from tsvd.distributed import free_port
 
     tmp = tmp_path_factory.mktemp("cli-zero3")
     raw = tiny_raw(tmp)
-    raw["train"].update(steps=4, checkpoint_interval=2, eval_interval=2, log_interval=2)
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_config(tmp / "tiny.yaml", raw, "train.steps=4", "train.checkpoint_interval=2",
+                          "train.eval_interval=2", "train.log_interval=2")
     run_job("cli-prepare", [sys.executable, "-m", "tsvd.cli", "prepare", str(config), "--no-progress"], tmp)
     run_job("cli-zero3-bf16", ["bash", "launch/multi_gpu.sh", str(config), "--no-progress",
                                "--set", "engine.timeout_s=60"], tmp,

@@ -29,9 +29,9 @@ import torch
 
 import tsvd
 from conftest import tiny_raw
+from ds_common import poison_s, sloppy_retraction
 from killable import kill_when_blocked, launch, run_cli, write_config
 from tsvd import checkpoint as ckpt
-from tsvd import stiefel
 from tsvd.cli import main
 from tsvd.config import load_config
 from tsvd.engine import torch_engine
@@ -70,16 +70,10 @@ def events(out_dir: Path, tag: str) -> list[dict]:
 
 
 @pytest.fixture
-def sloppy_cholesky(monkeypatch):
-    """Make every Cholesky-QR result slightly non-orthonormal (R⁻¹ scaled by 1 + 1e-3): a stand-in for
-    a retraction that went wrong. Householder QR (the repair) is untouched."""
-    real = stiefel.cholesky_r
-
-    def sloppy(G):
-        R, R_inv, ok = real(G)
-        return R, R_inv * (1 + 1e-3), ok
-
-    monkeypatch.setattr(stiefel, "cholesky_r", sloppy)
+def sloppy_cholesky():
+    """Every Cholesky-QR result slightly non-orthonormal for the test (``ds_common.sloppy_retraction``)."""
+    with sloppy_retraction():
+        yield
 
 
 def test_orthonormality_beyond_tolerance_is_repaired(sloppy_cholesky):
@@ -249,25 +243,18 @@ def losses_of(trainer: Trainer, start: int, stop: int) -> list[float]:
 # Numeric guards
 
 
-def poison_s_in_updates(optimizer: torch.optim.Optimizer, core: torch.nn.Parameter):
-    """From now on every optimizer update leaves ``core[0] = inf`` (an overflowing update)."""
-    return optimizer.register_step_post_hook(lambda opt, args, kwargs: core.data.__setitem__(0, math.inf))
-
-
 def test_non_finite_s_after_the_update_is_not_accepted(tiny_config):
     cfg = tiny_config(*FAST, "train.steps=4", "train.log_interval=1", "train.eval_interval=100")
     trainer = Trainer(cfg, progress=False)
     trainer.fit(stop_at=2)
     opt = trainer.engine.optimizer
     cores = [m.s for m in trainer.model.modules() if isinstance(m, tsvd.SpectralModule)]
-    target = trainer.model.layers[0].mlp.up.s
     before = [c.detach().clone() for c in cores]
     state_before = [{k: v.clone() for k, v in opt.state[c].items()} for c in cores]
     factors_before = {n: p.detach().clone() for n, p in spectral_factors(trainer.model).items()}
 
-    handle = poison_s_in_updates(opt, target)
-    trainer.fit(stop_at=3)
-    handle.remove()
+    with poison_s(trainer.engine, layer="layers.0.mlp.up"):  # the update of step 3 overflows one s
+        trainer.fit(stop_at=3)
     for c, b, st in zip(cores, before, state_before):  # every s and its Adam moments as before the step
         assert torch.equal(c, b)
         assert all(torch.equal(opt.state[c][k], st[k]) for k in ("exp_avg", "exp_avg_sq"))
@@ -295,11 +282,8 @@ def test_consecutive_bad_steps_stop_the_cli_with_exit_1(tmp_path, monkeypatch, c
         calls.append(1)
         if len(calls) < 7:
             return real_step(self, *args, **kwargs)
-        handle = poison_s_in_updates(self.optimizer, self.model.layers[1].attn.v.s)
-        try:
+        with poison_s(self, layer="layers.1.attn.v"):
             return real_step(self, *args, **kwargs)
-        finally:
-            handle.remove()
 
     monkeypatch.setattr(torch_engine.TorchEngine, "train_step", train_step)
     assert main(["train", str(config), "--no-progress"]) == 1

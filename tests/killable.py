@@ -121,7 +121,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
 @dataclass
 class Launch:
     returncode: int | None  # None: still running when killed (blocked, or timed out)
-    seconds: float  # from start to exit (or kill)
     ended: float  # time.time() at exit (or kill)
     log: str
     marker: str  # the file a blocked (or dying) child writes; its mtime is when that happened
@@ -159,9 +158,9 @@ def launch(args: list[str], workdir: Path, block: str = "", nproc: int = 1, time
         if block and wait_for_block and not ready.exists():
             raise AssertionError(f"child exited ({proc.returncode}) before reaching {block}:\n{log.read_text()[-3000:]}")
     finally:
-        returncode, seconds, ended = proc.poll(), time.monotonic() - t0, time.time()
+        returncode, ended = proc.poll(), time.time()
         kill_tree(proc)
-    return Launch(returncode, seconds, ended, log.read_text(), str(ready), ready.read_text() if ready.exists() else "")
+    return Launch(returncode, ended, log.read_text(), str(ready), ready.read_text() if ready.exists() else "")
 
 
 def kill_when_blocked(args: list[str], block: str, workdir: Path, timeout: float = 240) -> str:
@@ -176,7 +175,7 @@ def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ds_common  # noqa: E402
+from killable import child_env, kill_tree  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,11 +64,11 @@ def run_job(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = N
     """Run ``cmd`` from the repository root in its own process group (killed whole on timeout) with the
     test hygiene described above; fails with the log's tail on a non-zero exit or a timeout."""
     ext_dir = tmp / "torch_extensions"
-    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    full_env = dict(inherited, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir),
-                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-                    **(env or {}))
+    full_env = child_env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext_dir),
+                         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                         **(env or {}))
+    for var in LAUNCH_VARS:  # this process may itself run under a launcher
+        full_env.pop(var, None)
     shm_before, log = shm_files(), tmp / f"{name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -77,8 +77,7 @@ def run_job(name: str, cmd: list[str], tmp: Path, env: dict[str, str] | None = N
         try:
             rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             rc = None
         finally:
             for f in shm_files() - shm_before:

@@ -152,12 +152,6 @@ def prepare(common: list[str], data_dir: Path | None) -> None:
 # ------------------------------------------------------------------------------------ reporting
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def layer_cost(name: str, shapes: dict[str, tuple[int, int]], rank: int | None) -> int:
     out_f, in_f = shapes[name.rsplit(".", 1)[-1]]
     return out_f * in_f if rank is None else rank * (in_f + out_f + 1)
@@ -166,8 +160,9 @@ def layer_cost(name: str, shapes: dict[str, tuple[int, int]], rank: int | None) 
 def analyse(run: Run, rdir: Path) -> dict:
     """One table row from a finished run directory."""
     from tsvd.config import config_from_dict, layer_shapes
+    from tsvd.metrics import read_jsonl
     from tsvd.model import build_model, count_params
-    from tsvd.spectral import SpectralModule
+    from tsvd.spectral import spectral_ranks
 
     raw = json.loads(json.dumps(__import__("yaml").safe_load((rdir / "config.yaml").read_text())))
     cfg = config_from_dict(raw)
@@ -175,9 +170,8 @@ def analyse(run: Run, rdir: Path) -> dict:
     model = build_model(m, device="meta")
     counts = count_params(model)
     shapes = layer_shapes(m)
-    spectral = {n: mod.rank for n, mod in model.named_modules() if isinstance(mod, SpectralModule)}
-    metrics = read_jsonl(rdir / "metrics.jsonl")
-    history = read_jsonl(rdir / "ranks.jsonl")
+    spectral = spectral_ranks(model)
+    metrics, history = (read_jsonl(f) if f.is_file() else [] for f in (rdir / "metrics.jsonl", rdir / "ranks.jsonl"))
     # linear-layer parameters, step-weighted over the run: the ranks logged at step k hold for (k, next]
     if spectral:
         dense_part = counts["linear"] - sum(layer_cost(n, shapes, r) for n, r in spectral.items())

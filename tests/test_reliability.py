@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from tsvd.cli import main
 from tsvd.config import load_config
 from tsvd.engine import torch_engine
 from tsvd.errors import UserError
+from tsvd.metrics import read_jsonl
 from tsvd.retraction import Retractor, repair_tolerance, spectral_factors
 from tsvd.stiefel import orthonormality_error
 from tsvd.trainer import Trainer
@@ -46,10 +46,6 @@ FAST = ("train.threads=1",)
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the tests below
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def losses_by_step(out_dir: Path) -> dict[int, list[float]]:

@@ -59,6 +59,12 @@ def layer_stats(spectra: dict[str, Tensor], cache: dict[str, FactorCache], tau: 
     return out
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file the trainer writes (``metrics.jsonl``, ``ranks.jsonl``), blank
+    lines skipped."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 class Metrics:
     """Writes to TensorBoard (``<out_dir>/tb``) and ``<out_dir>/metrics.jsonl`` on the main rank only."""
 

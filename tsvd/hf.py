@@ -613,8 +613,8 @@ class FineTuner:
 
     def step(self, micro_batches: Sequence[tuple[Tensor, Tensor]]) -> tuple[float, float, float]:
         """Forward/backward over the micro-batches, clip, AdamW, retract. Returns
-        ``(mean loss, retraction seconds, max factor drift before the retraction)``; a non-finite
-        loss skips the update."""
+        ``(mean loss, retraction seconds, max factor drift before the retraction)``; a non-finite loss
+        or gradient norm skips the update (as in the engines)."""
         self.model.train()
         set_lr(self.optimizer, lr_multiplier(self.steps_done, self.train))
         total = 0.0
@@ -623,9 +623,8 @@ class FineTuner:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
             (loss / len(micro_batches)).backward()
             total += float(loss.detach()) / len(micro_batches)
-        if self.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
-        if math.isfinite(total):
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip or math.inf))
+        if math.isfinite(total) and math.isfinite(norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         report = self.retractor()

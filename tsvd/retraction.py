@@ -16,7 +16,7 @@ Use it in one of three ways::
 
     retract_(model)                         # one-off, e.g. after loading weights
     retractor = attach_retraction(opt, model)   # after every opt.step(), automatically
-    Retractor(model)(write=engine_writer)   # engines that own the parameter storage (DeepSpeed)
+    Retractor(model)(only=names)            # a subset (the DeepSpeed engine: the factors a rank owns)
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a factor or training checkpoint as a Hugging Face checkpoint",
                        description="Materialize dense weights and write a Hugging Face checkpoint (config.json + "
                                    "model.safetensors) from a factor checkpoint (tsvd convert) or from a tsvd "
-                                   "training checkpoint / run out_dir (as LlamaForCausalLM). --factors keeps the "
+                                   "training checkpoint / run out_dir of either engine, DeepSpeed at any ZeRO stage included "
+                                   "(as LlamaForCausalLM). --factors keeps the "
                                    "factors instead (compact factor checkpoint). Needs the 'hf' extra.",
                        epilog="Examples: tsvd export ./smollm2-e95 ./smollm2-e95-hf; tsvd export runs/tiny-cpu ./tiny-hf")
     p.add_argument("src", help="factor checkpoint dir, tsvd checkpoint dir, or a run's out_dir")

@@ -58,7 +58,8 @@ class DataConfig:
     tokenizer: Literal["byte", "bpe"] = "bpe"
     tokenizer_file: Optional[str] = None  # an existing tokenizer.json (skips training)
     vocab_size: int = 4096  # BPE vocabulary to train
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # share of the tokens held out for validation (at least 50 documents)
+    test_fraction: float = 0.0  # share of the tokens held out as a test split (test.bin; 0 = none)
     max_bytes: int = 0  # cap on corpus bytes read (0 = no cap)
 
 
@@ -239,6 +240,8 @@ def validate(cfg: Config) -> Config:
         _positive("train.lazy_tol", t.lazy_tol)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 <= cfg.data.test_fraction < 1.0 - cfg.data.val_fraction:
+        raise UserError(f"data.test_fraction: must be in [0, 1 - val_fraction), got {cfg.data.test_fraction}")
     if cfg.data.tokenizer == "bpe" and cfg.data.tokenizer_file is None and not 256 < cfg.data.vocab_size <= 1 << 20:
         raise UserError(f"data.vocab_size: a BPE vocabulary needs 256 < size ≤ 1048576, got {cfg.data.vocab_size}")
     _positive("data.max_bytes", cfg.data.max_bytes, allow_zero=True)

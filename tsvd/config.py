@@ -100,6 +100,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     retraction: Literal["cholesky", "householder"] = "cholesky"
     lazy_tol: Optional[float] = None
+    retract_every: int = 1  # retract each factor once every k steps (1 = after every step; tsvd.retraction)
     eval_interval: int = 100
     eval_batches: int = 20
     log_interval: int = 10
@@ -238,6 +239,9 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.lazy_tol is not None:
         _positive("train.lazy_tol", t.lazy_tol)
+    _positive("train.retract_every", t.retract_every)
+    if t.retract_every > 1 and t.lazy_tol is not None:
+        raise UserError("train.retract_every and train.lazy_tol: choose one way of skipping retractions, not both")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise UserError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.data.test_fraction < 1.0 - cfg.data.val_fraction:

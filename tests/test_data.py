@@ -13,7 +13,7 @@ import torch
 import tsvd.data as data
 from tsvd import UserError
 from tsvd.config import DataConfig
-from tsvd.data import (BatchSampler, Document, load_data, prepare_data, read_corpus, split_documents,
+from tsvd.data import (BatchSampler, Document, load_data, prepare_data, read_corpus, split_order, split_sizes,
                        unigram_loss, val_batches)
 from tsvd.tokenizer import EOT
 
@@ -99,19 +99,85 @@ def test_stdlib_corpus_with_byte_cap(tmp_path):
     assert unigram_loss(ds.train, ds.val, meta.vocab_size) < math.log(meta.vocab_size) - 1.0  # text is not uniform
 
 
-def test_split_is_document_level_and_deterministic():
-    docs = [Document(f"d/{i:04d}.txt", f"text {i}") for i in range(2000)]
-    train, val = split_documents(docs, 0.1)
-    assert split_documents(docs, 0.1) == (train, val)
-    assert {d.name for d in train}.isdisjoint(d.name for d in val) and len(train) + len(val) == 2000
-    assert 150 < len(val) < 250
-    # a document's side depends on its name only, not on which other documents exist
-    train2, val2 = split_documents(docs[::3], 0.1)
-    assert {d.name for d in val2} == {d.name for d in val} & {d.name for d in docs[::3]}
-    # two documents: one on each side, whatever the fraction
+def test_split_by_tokens_with_a_document_floor():
+    rng = np.random.default_rng(0)
+    docs = [Document(f"d/{i:04d}.txt", "") for i in range(2000)]
+    sizes = [int(x) for x in rng.lognormal(6, 1.5, size=2000)]  # heavy-tailed: a few documents hold much
+    order = split_order(docs)
+    assert order == split_order(docs) and sorted(order) == list(range(2000))
+    side = split_sizes(sizes, order, [0.1, 0.05])
+    assert side == split_sizes(sizes, order, [0.1, 0.05])  # reproducible
+    total = sum(sizes)
+    held = {k: sum(n for n, s in zip(sizes, side) if s == k) for k in range(3)}
+    assert held[1] >= 0.1 * total and held[2] >= 0.05 * total  # at least the share of the tokens ...
+    assert side.count(1) >= data.MIN_HELDOUT_DOCS and side.count(2) >= data.MIN_HELDOUT_DOCS  # ... and ≥ 50 docs
+    # drawn across the corpus (hash order), not a block of neighbouring names
+    val_idx = [i for i, s in enumerate(side) if s == 1]
+    assert min(val_idx) < 200 and max(val_idx) > 1800
+    # minimal: dropping the last document drawn for val would miss a requirement
+    last = [i for i in order if side[i] == 1][-1]
+    assert held[1] - sizes[last] < 0.1 * total or side.count(1) - 1 < data.MIN_HELDOUT_DOCS
+    # val is the same with or without a test split
+    assert [s == 1 for s in split_sizes(sizes, order, [0.1, 0.0])] == [s == 1 for s in side]
+
+
+def test_split_document_floor_on_a_small_corpus():
+    order = list(range(20))
+    # 20 equal documents, val 2%: the floor wants 50 documents but stops at half the tokens
+    side = split_sizes([10] * 20, order, [0.02, 0.0])
+    assert side.count(1) == 10 and side.count(0) == 10
+    # one huge training document: val gets all but one document (the floor), train keeps one
+    side = split_sizes([1000] + [1] * 9, list(range(1, 10)) + [0], [0.02, 0.0])
+    assert side.count(1) == 9 and side[0] == 0
+    # two documents: one each side, whatever the fraction; with a test split one each of three
     for frac in (0.001, 0.999):
-        t, v = split_documents(docs[:2], frac)
-        assert len(t) == len(v) == 1
+        assert sorted(split_sizes([5, 5], [0, 1], [frac, 0.0])) == [0, 1]
+    assert sorted(split_sizes([5, 5, 5], [2, 0, 1], [0.5, 0.5])) == [0, 1, 2]
+
+
+def test_test_split_written_and_loaded(tmp_path):
+    docs = tmp_path / "many"
+    docs.mkdir()
+    for i in range(150):
+        (docs / f"doc{i:03d}.txt").write_text(f"document number {i}: " + "lorem ipsum dolor " * (1 + i % 7))
+    cfg = DataConfig(dir=str(tmp_path / "ds"), corpus=[str(docs)], tokenizer="byte", val_fraction=0.1,
+                     test_fraction=0.1)
+    meta = prepare_data(cfg, progress=False)
+    ds = load_data(tmp_path / "ds")
+    assert ds.test is not None and len(ds.test) == meta.test_tokens
+    assert meta.val_docs >= 50 and meta.test_docs >= 50 and meta.train_docs == 150 - meta.val_docs - meta.test_docs
+    total = meta.train_tokens + meta.val_tokens + meta.test_tokens
+    assert meta.val_tokens >= 0.1 * total and meta.test_tokens >= 0.1 * total
+    texts = {name: set(ds.tokenizer.decode(getattr(ds, name).tolist()).split(EOT)[:-1]) for name in ("train", "val", "test")}
+    assert sum(map(len, texts.values())) == 150  # every document once, on one side
+    assert not (texts["train"] & texts["val"]) and not (texts["train"] & texts["test"]) and not (texts["val"] & texts["test"])
+    # without a test split: no test.bin, Dataset.test is None, and val is the same documents
+    plain = prepare_data(DataConfig(dir=str(tmp_path / "plain"), corpus=[str(docs)], tokenizer="byte",
+                                    val_fraction=0.1), progress=False)
+    ds2 = load_data(tmp_path / "plain")
+    assert ds2.test is None and not (tmp_path / "plain" / "test.bin").exists() and plain.test_docs == 0
+    assert np.array_equal(np.asarray(ds2.val), np.asarray(ds.val))
+
+
+def test_bpe_tokenizer_never_sees_held_out_documents(tmp_path, monkeypatch):
+    docs = tmp_path / "many"
+    docs.mkdir()
+    for i in range(80):
+        (docs / f"doc{i:03d}.txt").write_text(f"text {i} " * (5 + i))
+    seen = []
+    real = data.BPETokenizer.train
+
+    def spy(texts, *args, **kwargs):
+        texts = list(texts)
+        seen.append(set(texts))
+        return real(iter(texts), *args, **kwargs)
+
+    monkeypatch.setattr(data.BPETokenizer, "train", staticmethod(spy))
+    prepare_data(DataConfig(dir=str(tmp_path / "ds"), corpus=[str(docs)], tokenizer="bpe", vocab_size=300,
+                            val_fraction=0.2), progress=False)
+    ds = load_data(tmp_path / "ds")
+    held_out = set(ds.tokenizer.decode(ds.val.tolist()).split(EOT)[:-1])
+    assert held_out and seen and not (held_out & seen[-1])
 
 
 def test_prepare_reuses_matching_and_refuses_different(tmp_path, corpus):

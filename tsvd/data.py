@@ -3,7 +3,7 @@
 ``prepare_data(cfg)`` runs once and writes ``cfg.dir``::
 
     tokenizer.json | byte_tokenizer.json   the tokenizer (see tsvd.tokenizer)
-    train.bin, val.bin                      token ids, uint16 (uint32 if the vocabulary needs it);
+    train.bin, val.bin [, test.bin]         token ids, uint16 (uint32 if the vocabulary needs it);
                                             every document is followed by the end-of-text id
     meta.json                               sizes, dtype, sources and the config fingerprint
 
@@ -19,11 +19,14 @@ A *document* is one file. Corpus entries (``data.corpus``):
 Unreadable files and files with NUL bytes or invalid UTF-8 are skipped, and so are exact duplicates
 (same bytes). Entries are read in order, each in sorted order of its document names
 (``stdlib/json/decoder.py``, ``<folder name>/<relative path>``), so ``data.max_bytes`` (0 = no cap)
-always keeps the same prefix; the last document is cut at the cap. The train/val split is by
-document, from a hash of its name: stable when files are added or removed elsewhere, never a
-document on both sides.
+always keeps the same prefix; the last document is cut at the cap. The split is by document and by
+tokens (``split_sizes``): documents are visited in the order of a hash of their names (reproducible,
+spread across the corpus, independent of the machine's paths); the first ones go to ``val`` until it
+holds at least ``val_fraction`` of the tokens and at least ``MIN_HELDOUT_DOCS`` documents, the next
+ones likewise to ``test`` (``test_fraction > 0``), the rest to ``train``. Never a document on two sides;
+the tokenizer is trained on training documents only.
 
-``load_data(dir)`` memory-maps the shards; ``BatchSampler`` draws seeded, resumable random windows;
+``load_data(dir)`` memory-maps the shards (``Dataset.test`` is ``None`` without a test split); ``BatchSampler`` draws seeded, resumable random windows;
 ``val_batches`` gives fixed evaluation windows; ``unigram_loss`` is the baseline a model must beat.
 """
 
@@ -53,11 +56,13 @@ from tsvd.config import DataConfig
 from tsvd.errors import UserError
 from tsvd.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: split by tokens with a document floor, optional test split
 META_FILE = "meta.json"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".pod", ".py")
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 ENCODE_CHUNK_CHARS = 1 << 20  # text handed to one encode_batch call
+MIN_HELDOUT_DOCS = 50  # a held-out split gets at least this many documents (all but one on a small corpus) ...
+HELDOUT_FLOOR_CAP = 0.5  # ... unless that would give it more than this share of the tokens
 FULL_CHECK_TOKENS = 1 << 26  # shards up to this size are range-checked whole, larger ones by sampled blocks
 
 
@@ -95,17 +100,20 @@ class DataMeta:
     config: dict  # the DataConfig fields that define the dataset
     prepare_seconds: float
     format: int = FORMAT_VERSION
+    test_tokens: int = 0
+    test_docs: int = 0
 
 
 @dataclass
 class Dataset:
-    """A prepared dataset: memory-mapped token arrays ``train (N,)``, ``val (M,)``."""
+    """A prepared dataset: memory-mapped token arrays ``train (N,)``, ``val (M,)``, ``test (K,)`` or ``None``."""
 
     dir: Path
     meta: DataMeta
     tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,18 +202,30 @@ def _unit_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """Document-level split: ``val`` holds the documents whose name hashes below ``val_fraction``.
+def split_order(docs: list[Document]) -> list[int]:
+    """Indices of ``docs`` in the order held-out documents are drawn: by a hash of the name."""
+    return sorted(range(len(docs)), key=lambda i: (_unit_hash(docs[i].name), docs[i].name))
 
-    Both sides get at least one document (needs ``len(docs) ≥ 2``); order is preserved.
+
+def split_sizes(sizes: list[int], order: list[int], fractions: list[float]) -> list[int]:
+    """Assign documents to held-out splits by size: returns ``side[i]`` = 0 (train) or ``j + 1`` (split ``j``).
+
+    ``sizes[i]``: document ``i``'s tokens (or bytes); ``order``: the visiting order (``split_order``);
+    ``fractions[j]``: split ``j``'s share (0 = no such split). Split ``j`` takes the next documents in
+    ``order`` until it holds ``≥ fractions[j]`` of the total and ``≥ MIN_HELDOUT_DOCS`` documents — fewer
+    documents when the floor would give it more than ``HELDOUT_FLOOR_CAP`` of the total, or when the
+    corpus is too small (one document is always left for train and for each later split).
     """
-    u = [_unit_hash(d.name) for d in docs]
-    is_val = [x < val_fraction for x in u]
-    if not any(is_val):
-        is_val[int(np.argmin(u))] = True
-    if all(is_val):
-        is_val[int(np.argmax(u))] = False
-    return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
+    total, side, pos = sum(sizes), [0] * len(sizes), 0
+    active = [j for j, f in enumerate(fractions) if f > 0]
+    for k, j in enumerate(active):
+        spare = len(order) - pos - 1 - (len(active) - k - 1)  # documents this split may take
+        held, count = 0, 0
+        while count < spare and (held < fractions[j] * total or
+                                 (count < MIN_HELDOUT_DOCS and held < HELDOUT_FLOOR_CAP * total) or count == 0):
+            i = order[pos]
+            side[i], held, count, pos = j + 1, held + sizes[i], count + 1, pos + 1
+    return side
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +246,7 @@ def _defining_fields(cfg: DataConfig) -> dict:
         "tokenizer_file": cfg.tokenizer_file,
         "vocab_size": cfg.vocab_size if trained else None,
         "val_fraction": cfg.val_fraction,
+        "test_fraction": cfg.test_fraction,
         "max_bytes": cfg.max_bytes,
     }
 
@@ -256,17 +277,21 @@ def _chunks(docs: list[Document], max_chars: int):
         yield chunk
 
 
-def _write_shard(path: Path, docs: list[Document], tok: Tokenizer, dtype: np.dtype, bar: tqdm) -> int:
-    """Encode ``docs`` in batches and write ``ids + [eot]`` per document to ``path``; returns the token count."""
-    n = 0
+def _encode(docs: list[Document], tok: Tokenizer, dtype: np.dtype, bar: tqdm) -> list[np.ndarray]:
+    """Every document as ``ids + [eot]`` (one array per document), encoded in batches."""
+    out = []
+    for chunk in _chunks(docs, ENCODE_CHUNK_CHARS):
+        out += [np.array(ids + [tok.eot_id], dtype=dtype) for ids in tok.encode_batch([d.text for d in chunk])]
+        bar.update(sum(len(d.text) for d in chunk))
+    return out
+
+
+def _write_shard(path: Path, arrays: list[np.ndarray]) -> int:
+    """Write the documents' token arrays to ``path`` back to back; returns the token count."""
     with open(path, "wb") as f:
-        for chunk in _chunks(docs, ENCODE_CHUNK_CHARS):
-            ids = tok.encode_batch([d.text for d in chunk])
-            count = sum(map(len, ids)) + len(ids)
-            np.fromiter(chain.from_iterable(s + [tok.eot_id] for s in ids), dtype=dtype, count=count).tofile(f)
-            n += count
-            bar.update(sum(len(d.text) for d in chunk))
-    return n
+        for a in arrays:
+            a.tofile(f)
+    return sum(len(a) for a in arrays)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
@@ -302,24 +327,37 @@ def prepare_data(cfg: DataConfig, progress: bool = True, overwrite: bool = False
 
     t0 = time.perf_counter()
     docs, stats = read_corpus(cfg)
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-    tok = _make_tokenizer(cfg, train_docs, progress)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    order, fractions = split_order(docs), [cfg.val_fraction, cfg.test_fraction]
+    # The tokenizer is trained before token counts exist: it sees only documents outside a byte-sized
+    # reserve of 1.5× the held-out shares (widened and retrained in the rare case the token split needs more).
+    margin = 1.5
+    while True:
+        reserve = split_sizes([len(d.text.encode("utf-8")) for d in docs], order, [min(0.99, f * margin) for f in fractions])
+        tok = _make_tokenizer(cfg, [d for d, s in zip(docs, reserve) if s == 0], progress)
+        dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+        with tqdm(total=sum(len(d.text) for d in docs), unit="char", unit_scale=True, desc="tokenize",
+                  disable=not progress) as bar:
+            arrays = _encode(docs, tok, dtype, bar)
+        side = split_sizes([len(a) for a in arrays], order, fractions)
+        if all(r > 0 for r, s in zip(reserve, side) if s > 0) or not isinstance(tok, BPETokenizer) or \
+                cfg.tokenizer_file is not None:
+            break
+        margin *= 2
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
     try:
         tok.save(tmp)
-        with tqdm(total=sum(len(d.text) for d in docs), unit="char", unit_scale=True, desc="tokenize",
-                  disable=not progress) as bar:
-            n_train = _write_shard(tmp / "train.bin", train_docs, tok, dtype, bar)
-            n_val = _write_shard(tmp / "val.bin", val_docs, tok, dtype, bar)
+        n = [_write_shard(tmp / f"{name}.bin", [a for a, s in zip(arrays, side) if s == k])
+             for k, name in enumerate(("train", "val", "test")) if k < 2 or cfg.test_fraction > 0]
+        count = [side.count(k) for k in range(3)]
         meta = DataMeta(
             vocab_size=tok.vocab_size, tokenizer=tok.kind, eot_id=tok.eot_id, dtype=dtype.name,
-            train_tokens=n_train, val_tokens=n_val, train_docs=len(train_docs), val_docs=len(val_docs),
+            train_tokens=n[0], val_tokens=n[1], train_docs=count[0], val_docs=count[1],
             corpus_bytes=stats.bytes, skipped_files=stats.skipped, duplicate_docs=stats.duplicates,
             sources=stats.sources, fingerprint=fp, config=_defining_fields(cfg),
             prepare_seconds=round(time.perf_counter() - t0, 2),
+            test_tokens=n[2] if len(n) > 2 else 0, test_docs=count[2],
         )
         (tmp / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=2) + "\n")
         _replace_dir(tmp, out)
@@ -378,7 +416,8 @@ def load_data(directory: str | Path) -> Dataset:
                         f"(vocab {meta.vocab_size}); rebuild with `tsvd prepare --overwrite`")
     train = _open_shard(directory / "train.bin", meta, meta.train_tokens)
     val = _open_shard(directory / "val.bin", meta, meta.val_tokens)
-    return Dataset(directory, meta, tok, train, val)
+    test = _open_shard(directory / "test.bin", meta, meta.test_tokens) if meta.test_docs else None
+    return Dataset(directory, meta, tok, train, val, test)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the offline English corpus (≈57 MB of prose, DESIGN.md §6) and tokenize it with a 16k BPE.
+# Build the offline English corpus (≈56 MB of prose: Debian documentation packages and Shakespeare)
+# and tokenize it with a 16k BPE.
 #
 #   bash launch/prepare_english.sh [SRC_DIR] [DATA_DIR]
 #

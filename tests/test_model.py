@@ -51,7 +51,7 @@ def test_llama3_70b_rank32_everywhere_param_count():
 
     layers = L * (2 * sp(d, d) + 2 * sp(d, kv) + 3 * sp(d, f))
     assert counts["linear"] == layers == 414_205_440
-    assert counts["total"] == layers + 2 * sp(V, d) + (2 * L + 1) * d == 424_257_088  # DESIGN §7: 424.3M
+    assert counts["total"] == layers + 2 * sp(V, d) + (2 * L + 1) * d == 424_257_088  # the model of bench/llama70b_step.py
     assert counts["dense"] == (2 * L + 1) * d  # only the norms
     assert all(p.device.type == "meta" for p in model.parameters())
 

@@ -6,8 +6,9 @@ exports the same variables to each rank: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`
 ``LOCAL_WORLD_SIZE`` from ``torchrun``). A process started without a launcher is rank 0 of 1 and
 gets a free local port, so ``python -m tsvd.cli train`` with a DeepSpeed config just works.
 
-Threads: launchers do not divide the CPU between ranks; two ranks × two threads on two cores made a
-QR 100–500× slower (DESIGN §5). ``configure_threads`` gives each rank ``cores // local ranks``.
+Threads: launchers do not divide the CPU between ranks, and ranks whose threads together outnumber the
+cores oversubscribe it: OpenMP threads spin while waiting for cores another rank holds, which makes the
+retraction's QR many times slower. ``configure_threads`` gives each rank ``cores // local ranks``.
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ def configure_threads(threads: int) -> None:
 
 
 def disable_shm_comm_op() -> None:
-    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op (35–60 s, needs a compiler).
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op (a C++ build at start-up that
+    needs ninja and a compiler).
 
-    The op only serves inference all-reduce; training does not use it. The switch is undocumented
-    (DESIGN §5) but also avoids the 69 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` file per rank
-    that the op leaves behind.
+    The op only serves inference all-reduce; training does not use it. The switch is not a documented
+    setting: DeepSpeed 0.19.8 builds the op only when ``deepspeed.ops.__compatible_ops__`` marks it
+    compatible (``deepspeed/comm/torch.py``). Without the op, no ``/dev/shm/deepspeed_allreduce_buffer_*``
+    file is left behind per rank either.
     """
     import deepspeed
 

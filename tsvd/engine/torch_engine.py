@@ -1,4 +1,8 @@
-"""Single-device engine: plain PyTorch, no launcher. Fused AdamW + retraction after every step."""
+"""Single-device engine: plain PyTorch, no launcher. Fused AdamW + retraction after every applied step.
+
+``TorchEngine.train_step`` is the one training step of a single process: ``tsvd train`` and Hugging Face
+fine-tuning (``tsvd.hf.finetune``, through ``loss_fn``) both take it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import math
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +28,13 @@ from tsvd.surgery import apply_plan
 
 STATE_FILE = "engine_state.pt"
 
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, inputs (B,T), targets (B,T)) -> mean loss ()
+
+
+def model_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The loss of tsvd's ``Transformer``, whose ``forward(x, y)`` returns ``(logits, loss)``."""
+    return model(x, y)[1]
+
 
 def resolve_device(name: str) -> torch.device:
     """``train.device`` as a ``torch.device``; a name torch does not know, or a device this machine does
@@ -39,8 +51,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 class TorchEngine(Engine):
-    def __init__(self, cfg: Config, model: nn.Module) -> None:
-        self.cfg, self.device = cfg, resolve_device(cfg.train.device)
+    """``model`` on ``cfg.train.device``; ``loss_fn(model, x, y)`` gives a micro-batch's mean loss (default:
+    tsvd's ``Transformer``; any other model, e.g. a Hugging Face causal LM, brings its own)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, loss_fn: LossFn = model_loss) -> None:
+        self.cfg, self.device, self.loss_fn = cfg, resolve_device(cfg.train.device), loss_fn
         self.model = model.to(self.device)
         self.optimizer = build_adamw(self.model, cfg.train, self.device)
         self.retractor = Retractor(self.model, cfg.train.retraction, cfg.train.lazy_tol)
@@ -55,8 +70,7 @@ class TorchEngine(Engine):
 
     def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         with self._autocast():
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-        return loss
+            return self.loss_fn(self.model, x.to(self.device), y.to(self.device))
 
     def train_step(self, micro_batches: list[Batch], lr_multiplier: float, measure: bool = False) -> StepResult:
         set_lr(self.optimizer, lr_multiplier)

@@ -75,7 +75,7 @@ def sketch_svd(Y: Tensor, Z: Tensor, psi: Tensor, U: Tensor, V: Tensor) -> tuple
     # alignment (MKL) — which made growth directions, and so resumed runs, differ between processes.
     driver = "gelsd" if A.device.type == "cpu" else None
     core = torch.linalg.lstsq(A, project_out(Z, V).mT, driver=driver).solution  # (ℓ'×ℓ) C = (ℓ'×n) → C: ℓ×n
-    P, Rt = householder_qr(core.mT)  # C = Rtᵀ Pᵀ: the SVD of the wide C via that of an ℓ×ℓ (10-100× faster)
+    P, Rt = householder_qr(core.mT)  # C = Rtᵀ Pᵀ: the SVD of the wide C via that of an ℓ×ℓ
     W, sigma, Xh = torch.linalg.svd(Rt.mT)
     return Q @ W, sigma, P @ Xh.mT
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 #: Gram drift ``‖AᵀA − I‖_F`` above which a second Cholesky pass is made (CholeskyQR2).
 #: One pass loses orthogonality like ``κ(A)²·u``; drift ≤ 0.5 bounds κ² by 3, and one pass was
-#: measured as orthonormal as Householder QR there (≤ 2.5e-6 at 128256×32, ~1e-6 at 28672×32):
+#: measured as orthonormal as Householder QR there (at the 70B shapes; docs/performance.md):
 #: a second pass would double the cost for nothing.
 REFINE_DRIFT = 0.5
 #: Gram drift above which Cholesky-QR is not trusted and Householder QR is used instead.
@@ -52,7 +52,7 @@ def householder_qr(A: Tensor) -> tuple[Tensor, Tensor]:
     """Householder QR with sign correction (SCT's retraction): ``R`` has a positive diagonal.
 
     The result is made contiguous (row-major): LAPACK returns ``Q`` column-major, which slows
-    fused AdamW ~3× and breaks DeepSpeed's flattening.
+    fused AdamW and breaks DeepSpeed's flattening.
     """
     Q, R = torch.linalg.qr(A, mode="reduced")
     sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
@@ -66,7 +66,7 @@ def cholesky_r(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(R, R⁻¹, ok)`` with ``G = RᵀR``, ``R`` upper triangular (positive diagonal), for a (batch of)
     small ``r×r`` Gram matrices; ``ok`` flags the elements whose Gram was positive definite.
 
-    The explicit inverse turns ``Q = A R⁻¹`` into one GEMM, 3–4× faster here than a triangular solve
+    The explicit inverse turns ``Q = A R⁻¹`` into one GEMM, faster than a triangular solve
     against the tall ``A``."""
     L, info = torch.linalg.cholesky_ex(G)
     R = L.mT

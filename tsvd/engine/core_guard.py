@@ -53,7 +53,8 @@ def finite_flags(tensors: list[Tensor]) -> Tensor:
     """``(len(tensors),)`` bool on the tensors' device: no NaN and no infinity in each (one sync to read).
 
     One pass per tensor and no temporary of its size: a NaN anywhere makes its min and max NaN, an
-    infinity is its max or min (20× faster than ``isfinite(t).all()`` on CPU)."""
+    infinity is its max or min. ``isfinite(t).all()`` would build a full-size boolean temporary per
+    tensor (both timed by bench/guards.py; docs/results.md)."""
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     return torch.stack([torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all() if t.numel()

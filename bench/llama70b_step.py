@@ -5,7 +5,7 @@ The model is tsvd's own decoder built from ``configs/llama3-70b.yaml`` (80 layer
 embedding and the LM head spectral at rank 32). No dense weight is ever materialized. Each path runs
 in a fresh subprocess, so the peak RSS printed (``ru_maxrss``, measured, not estimated) is its own:
 
-- ``tsvd``: fused AdamW applied block by block during backward (``tsvd.optim.StepInBackward``: the
+- ``tsvd``: fused AdamW applied block by block during backward (``bench/step_in_backward.py``: the
   gradients of one block at a time, freed right after its update), then the cached Cholesky-QR
   retraction of every factor;
 - ``tsvd-engine``: the same optimizer and retraction run after backward, as ``TorchEngine`` does
@@ -73,7 +73,8 @@ def run_path(args: argparse.Namespace) -> dict:
 
     from tsvd.config import load_config
     from tsvd.model import build_model, count_params
-    from tsvd.optim import StepInBackward, build_adamw, param_groups, set_lr
+    from step_in_backward import StepInBackward  # bench/, on sys.path when this file runs as a script
+    from tsvd.optim import build_adamw, param_groups, set_lr
     from tsvd.retraction import Retractor, spectral_factors
     from tsvd.stiefel import householder_qr
 

@@ -1,5 +1,5 @@
-"""Optimizer + retraction correctness: fused AdamW equals the reference AdamW, retraction after the
-step keeps every factor orthonormal, and ``StepInBackward`` equals "backward, step, retract".
+"""Optimizer + retraction correctness: fused AdamW equals the reference AdamW, and retraction after the
+step keeps every factor orthonormal (``StepInBackward``, a benchmark helper: tests/test_step_in_backward.py).
 
 Tolerances: fused and for-loop AdamW evaluate the same per-element formula in fp32 but in a different
 order (the fused kernel uses FMA and folds the bias corrections differently), so they agree to a few
@@ -17,7 +17,7 @@ from torch import nn
 
 from tsvd.config import ModelConfig, SpectralConfig, TrainConfig
 from tsvd.model import build_model
-from tsvd.optim import StepInBackward, build_adamw, model_blocks, param_groups
+from tsvd.optim import build_adamw, param_groups
 from tsvd.retraction import Retractor, spectral_factors
 from tsvd.stiefel import (
     MAX_CHOLESKY_DRIFT,
@@ -113,70 +113,6 @@ def test_retraction_after_each_optimizer_step_keeps_factors_orthonormal(lr):
         assert len(report.retracted) == len(spectral_factors(model))
         assert max(c.error for c in retractor.cache.values()) <= TOL
         assert all(p.is_contiguous() for p in model.parameters())
-
-
-def test_step_in_backward_equals_step_after_backward():
-    t = train_cfg(1e-2)
-    a = spectral_model(3)
-    b = copy.deepcopy(a)
-    stepper = StepInBackward(a, t)
-    opt, retractor = build_adamw(b, t, "cpu"), Retractor(b)
-    for step in range(4):
-        backward(a, step)  # updates a, block by block, inside backward
-        report = stepper.finish()  # … then retracts every factor
-        assert len(report.retracted) == len(spectral_factors(a))
-        backward(b, step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        retractor()
-        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-            assert pa.grad is None
-            torch.testing.assert_close(pa.detach(), pb.detach(), rtol=0, atol=1e-6, msg=f"{name} at step {step}")
-    assert max_ortho(a) <= TOL
-    assert stepper.optimizer_seconds > 0 and set(stepper.retractor.cache) == set(retractor.cache)
-
-
-def test_step_in_backward_holds_one_block_of_gradients_at_a_time():
-    model = spectral_model(4)
-    stepper = StepInBackward(model, train_cfg())
-    params = list(model.parameters())
-    live: list[int] = []
-    for p in params:  # registered after the stepper's hooks, so they run after a block has stepped
-        p.register_post_accumulate_grad_hook(lambda _: live.append(sum(q.grad is not None for q in params)))
-    backward(model, 0)
-    largest_block = max(len(u.params) for u in stepper.units)
-    assert len(params) > 2 * largest_block
-    assert max(live) <= largest_block  # never all gradients at once
-    assert all(p.grad is None for p in params)
-    assert [type(m).__name__ for m in model_blocks(model)] == ["SpectralEmbedding", "Block", "Block", "RMSNorm",
-                                                               "SpectralLinear"]
-
-
-def test_step_in_backward_finish_steps_blocks_that_missed_a_gradient():
-    model = spectral_model(5)
-    stepper = StepInBackward(model, train_cfg())
-    before = model.lm_head.U.detach().clone()
-    x, _ = batch(0)
-    model.norm(model.tok_emb(x)).sum().backward()  # the layers and the head get no gradient
-    assert model.tok_emb.U.grad is None and model.norm.weight.grad is None  # complete blocks stepped
-    stepper.finish()  # nothing partial: the head and layers were never touched
-    torch.testing.assert_close(model.lm_head.U.detach(), before, rtol=0, atol=1e-6)  # retracted only
-    model.lm_head.s.sum().backward()  # only part of the head's block
-    assert model.lm_head.s.grad is not None
-    stepper.finish()
-    assert model.lm_head.s.grad is None and max_ortho(model) <= TOL
-
-
-def test_step_in_backward_rejects_overlapping_or_incomplete_blocks():
-    model = spectral_model(6)
-    with pytest.raises(ValueError, match="overlap"):
-        StepInBackward(model, train_cfg(), blocks=[model, model.norm])
-    with pytest.raises(ValueError, match="do not cover"):
-        StepInBackward(model, train_cfg(), blocks=[model.norm])
-    stepper = StepInBackward(model, train_cfg())
-    stepper.remove()
-    backward(model, 0)  # hooks detached: gradients stay
-    assert all(p.grad is not None for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from tsvd import checkpoint as ckpt
+from tsvd.cadence import Cadence
 from tsvd.config import Config, to_dict
 from tsvd.data import BatchSampler, load_data, prepare_data, unigram_loss, val_batches
 from tsvd.distributed import is_collective_failure
@@ -39,16 +40,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is usable."""
 
 
-class _DeferredInterrupt:
-    """While installed (single process, main thread), the first Ctrl-C (SIGINT) or SIGTERM (how schedulers
-    such as SLURM preempt a job) only sets ``requested``: the loop finishes the current step and stops at
-    its end with a checkpoint. A second one interrupts at once (no checkpoint if that is inside a step).
-    A signal whose handler is not the default one is left alone. ``restore()`` puts the handlers back."""
+class _StopRequest:
+    """Deferred SIGINT / SIGTERM and where the loop stands. While installed (single process, main thread),
+    the first Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM preempt a job) only sets
+    ``requested``: the loop finishes the current step and stops at its end with a checkpoint. A second
+    one interrupts at once (no checkpoint if that is inside a step). A signal whose handler is not the
+    default one is left alone. ``at_boundary``: model, optimizer and sampler are exactly "after step
+    ``trainer.step``". ``restore()`` puts the handlers back."""
 
     DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self, enabled: bool = True) -> None:
-        self.requested, self.previous = False, {}
+        self.requested, self.previous, self.at_boundary = False, {}, True
         if enabled and threading.current_thread() is threading.main_thread():
             for signum, default in self.DEFAULTS.items():
                 if signal.getsignal(signum) is default:
@@ -59,6 +62,11 @@ class _DeferredInterrupt:
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+
+    def check(self) -> None:
+        """At a step boundary: stop (``KeyboardInterrupt``) when a stop was requested."""
+        if self.requested:
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -75,6 +83,25 @@ class TrainSummary:
     checkpoint: str | None = None
     tokens_per_s: float = 0.0
     is_main: bool = True  # rank 0 (the one that reports)
+
+
+@dataclass
+class _Run:
+    """What one ``fit`` call tracks besides the model: its summary, progress and bad-step streak."""
+
+    summary: TrainSummary
+    bar: tqdm
+    tokens_per_step: int
+    bad_steps: int = 0
+    steps_run: int = 0
+    step_s: float = 0.0  # the last step's wall time
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def finish(self, step: int) -> TrainSummary:
+        self.summary.step = step
+        elapsed = time.perf_counter() - self.t_start
+        self.summary.tokens_per_s = self.steps_run * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        return self.summary
 
 
 def _global_rank() -> int:
@@ -132,6 +159,7 @@ class Trainer:
             self._check_compatible(meta)
             set_ranks_for_loading(model, meta.get("ranks", {}))
         self.controller = self._build_controller(model)  # shapes read before ZeRO-3 partitions them
+        self.cadence = Cadence.from_config(cfg.train, self.controller.due if self.controller else None)
         self.engine = build_engine(cfg, model)
         self.model = self.engine.model
         self.sampler = BatchSampler(self.data.train, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.seed)
@@ -199,58 +227,74 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self, stop_at: int | None = None) -> TrainSummary:
         """Train until ``cfg.train.steps`` (or until ``stop_at``, as if interrupted there)."""
-        t, summary = self.cfg.train, TrainSummary(step=self.step, is_main=self.engine.is_main)
+        t, when = self.cfg.train, self.cadence
         last = t.steps if stop_at is None else min(stop_at, t.steps)
+        run = self._start_run()
+        with self._stoppable(run) as stop:
+            while self.step < last:
+                stop.check()
+                n, stop.at_boundary = self.step + 1, False
+                micro = [next(self.sampler) for _ in range(t.grad_accum)]
+                with self._sketch(when.should_decide_ranks(n)) as sketch:
+                    result = self._timed_step(run, micro, measure=when.should_log(n))
+                self.step = n
+                if self._record(run, result):
+                    if when.should_decide_ranks(n):
+                        self._change_ranks(sketch)
+                    if when.should_log(n):
+                        self._log(result, run)
+                    if when.should_eval(n):
+                        run.summary.val_loss = self._validate()
+                    if when.should_save(n):
+                        run.summary.checkpoint = str(self.save())
+                stop.at_boundary = True
+        return run.finish(self.step)
+
+    def _start_run(self) -> "_Run":
+        t = self.cfg.train
+        summary = TrainSummary(step=self.step, is_main=self.engine.is_main)
         if self.engine.is_main:
             summary.unigram_loss = unigram_loss(self.data.train, self.data.val, self.data.meta.vocab_size)
             self.metrics.scalars(self.step, {"val/unigram_loss": summary.unigram_loss})
-        tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        bad_steps, t_start, steps_run = 0, time.perf_counter(), 0
-        at_boundary = True  # model, optimizer and sampler are exactly "after step self.step"
-        deferred = _DeferredInterrupt(enabled=self.engine.world_size == 1)
+        return _Run(summary, bar, t.batch_size * t.seq_len * t.grad_accum)
+
+    def _timed_step(self, run: "_Run", micro: list, measure: bool):
+        t0 = time.perf_counter()
+        result = self.engine.train_step(micro, lr_multiplier(self.step, self.cfg.train), measure=measure)
+        run.step_s = time.perf_counter() - t0
+        return result
+
+    def _record(self, run: "_Run", result) -> bool:
+        """Count the step just run (loss, progress, repairs, the bad-step streak); ``False`` when it was
+        skipped. Too many bad steps in a row stop the run (``TrainingError``)."""
+        run.steps_run += 1
+        run.summary.train_losses.append(result.loss)
+        if result.retraction.repaired:
+            self.metrics.text(self.step, "retraction_repair", "orthonormality error above tolerance: "
+                              "re-orthonormalized (Householder QR) " + ", ".join(result.retraction.repaired))
+        if not result.skipped:
+            run.bad_steps = 0
+            run.bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{run.tokens_per_step / run.step_s:,.0f}")
+            run.bar.update(1)
+            return True
+        run.bad_steps += 1
+        why = result.reason or f"non-finite loss {result.loss} or grad norm {result.grad_norm}: step skipped"
+        self.metrics.text(self.step, "bad_step", f"{why} ({run.bad_steps} in a row)")
+        if run.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingError(f"{run.bad_steps} consecutive non-finite steps at step {self.step}; "
+                                f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
+        return False
+
+    @contextlib.contextmanager
+    def _stoppable(self, run: "_Run"):
+        """Around the loop: deferred Ctrl-C / SIGTERM with a checkpoint at the step boundary, and one
+        readable line when a collective operation fails in a multi-process run."""
+        stop = _StopRequest(enabled=self.engine.world_size == 1)
         try:
-            while self.step < last:
-                if deferred.requested:
-                    raise KeyboardInterrupt
-                at_boundary = False
-                step = self.step
-                log_now = (step + 1) % t.log_interval == 0 or step + 1 == t.steps
-                due = self.controller is not None and self.controller.due(step + 1)
-                micro = [next(self.sampler) for _ in range(t.grad_accum)]
-                t0 = time.perf_counter()
-                with self._sketch(due) as sketch:
-                    result = self.engine.train_step(micro, lr_multiplier(step, t), measure=log_now)
-                dt = time.perf_counter() - t0
-                self.step = step + 1
-                steps_run += 1
-                summary.train_losses.append(result.loss)
-                if result.retraction.repaired:
-                    self.metrics.text(self.step, "retraction_repair", "orthonormality error above tolerance: "
-                                      "re-orthonormalized (Householder QR) " + ", ".join(result.retraction.repaired))
-                if result.skipped:
-                    bad_steps += 1
-                    why = result.reason or f"non-finite loss {result.loss} or grad norm {result.grad_norm}: step skipped"
-                    self.metrics.text(self.step, "bad_step", f"{why} ({bad_steps} in a row)")
-                    if bad_steps >= t.max_bad_steps:
-                        raise TrainingError(f"{bad_steps} consecutive non-finite steps at step {self.step}; "
-                                            f"stopping. Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root)}")
-                    at_boundary = True
-                    continue
-                bad_steps = 0
-                if due:
-                    self._change_ranks(sketch)
-                if log_now:
-                    self._log(result, dt, tokens_per_step)
-                bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                bar.update(1)
-                if self.step % t.eval_interval == 0 or self.step == t.steps:
-                    summary.val_loss = self._validate()
-                if self.step % t.checkpoint_interval == 0 or self.step == t.steps:
-                    summary.checkpoint = str(self.save())
-                at_boundary = True
+            yield stop
         except KeyboardInterrupt:
-            self._save_on_interrupt(at_boundary, bar)
+            self._save_on_interrupt(stop.at_boundary, run.bar)
             raise
         except RuntimeError as e:
             if self.engine.world_size > 1 and is_collective_failure(e):
@@ -261,12 +305,8 @@ class Trainer:
                     f"{ckpt.latest_checkpoint(self.ckpt_root)}; run the same command again to resume from it") from e
             raise
         finally:
-            deferred.restore()
-            bar.close()
-        summary.step = self.step
-        elapsed = time.perf_counter() - t_start
-        summary.tokens_per_s = steps_run * tokens_per_step / elapsed if elapsed > 0 else 0.0
-        return summary
+            stop.restore()
+            run.bar.close()
 
     def _save_on_interrupt(self, at_boundary: bool, bar) -> None:
         """Checkpoint an interrupted run, but only at a step boundary: a state caught inside a step (an
@@ -306,8 +346,9 @@ class Trainer:
             tqdm.write("rank change @ step {}: {}".format(
                 self.step, ", ".join(f"{e.layer} {e.old}->{e.new}" for e in events)))
 
-    def _log(self, result, dt: float, tokens_per_step: int) -> None:
+    def _log(self, result, run: "_Run") -> None:
         spectra = self.engine.spectra()
+        dt, tokens_per_step = run.step_s, run.tokens_per_step
         if not self.engine.is_main:
             return
         t = self.cfg.train

@@ -126,6 +126,8 @@ def test_split_document_floor_on_a_small_corpus():
     # 20 equal documents, val 2%: the floor wants 50 documents but stops at half the tokens
     side = split_sizes([10] * 20, order, [0.02, 0.0])
     assert side.count(1) == 10 and side.count(0) == 10
+    side = split_sizes([10] * 20, order, [0.02, 0.02])  # with a test split: a quarter each
+    assert side.count(1) == 5 and side.count(2) == 5 and side.count(0) == 10
     # one huge training document: val gets all but one document (the floor), train keeps one
     side = split_sizes([1000] + [1] * 9, list(range(1, 10)) + [0], [0.02, 0.0])
     assert side.count(1) == 9 and side[0] == 0

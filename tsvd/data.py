@@ -62,7 +62,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".pod", ".py")
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 ENCODE_CHUNK_CHARS = 1 << 20  # text handed to one encode_batch call
 MIN_HELDOUT_DOCS = 50  # a held-out split gets at least this many documents (all but one on a small corpus) ...
-HELDOUT_FLOOR_CAP = 0.5  # ... unless that would give it more than this share of the tokens
+HELDOUT_FLOOR_CAP = 0.5  # ... unless that would give the held-out splits together more than this share of the tokens
 FULL_CHECK_TOKENS = 1 << 26  # shards up to this size are range-checked whole, larger ones by sampled blocks
 
 
@@ -213,16 +213,18 @@ def split_sizes(sizes: list[int], order: list[int], fractions: list[float]) -> l
     ``sizes[i]``: document ``i``'s tokens (or bytes); ``order``: the visiting order (``split_order``);
     ``fractions[j]``: split ``j``'s share (0 = no such split). Split ``j`` takes the next documents in
     ``order`` until it holds ``≥ fractions[j]`` of the total and ``≥ MIN_HELDOUT_DOCS`` documents — fewer
-    documents when the floor would give it more than ``HELDOUT_FLOOR_CAP`` of the total, or when the
-    corpus is too small (one document is always left for train and for each later split).
+    documents when the floor would give it more than its part of ``HELDOUT_FLOOR_CAP`` of the total
+    (shared equally by the held-out splits), or when the corpus is too small (one document is always
+    left for train and for each later split).
     """
     total, side, pos = sum(sizes), [0] * len(sizes), 0
     active = [j for j, f in enumerate(fractions) if f > 0]
+    cap = HELDOUT_FLOOR_CAP * total / max(1, len(active))
     for k, j in enumerate(active):
         spare = len(order) - pos - 1 - (len(active) - k - 1)  # documents this split may take
         held, count = 0, 0
         while count < spare and (held < fractions[j] * total or
-                                 (count < MIN_HELDOUT_DOCS and held < HELDOUT_FLOOR_CAP * total) or count == 0):
+                                 (count < MIN_HELDOUT_DOCS and held < cap) or count == 0):
             i = order[pos]
             side[i], held, count, pos = j + 1, held + sizes[i], count + 1, pos + 1
     return side

@@ -68,6 +68,21 @@ def _list_yaml(c: Ctx) -> list[str]:
     return ["train", str(c.case / "list.yaml")]
 
 
+def _config_text(command: str, text: str) -> Callable[[Ctx], list[str]]:
+    """``command`` on a config file holding ``text`` (run from the case dir, where the built-in defaults
+    ``runs/default`` and ``data/stdlib-bpe`` would be written if the config were accepted)."""
+    def make(c: Ctx) -> list[str]:
+        (c.case / "c.yaml").write_text(text)
+        return [command, str(c.case / "c.yaml")]
+    return make
+
+
+def _no_model(c: Ctx) -> list[str]:
+    raw = tiny_raw(c.world)
+    del raw["model"]
+    return ["train", c.config(raw=raw, out=c.case / "out")]
+
+
 def _unknown_top_key(c: Ctx) -> list[str]:
     raw = tiny_raw(c.world)
     raw["modle"] = {"dim": 64}
@@ -175,6 +190,14 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("config-missing", lambda c: ["train", str(c.case / "nope.yaml")], ["config file not found", "nope.yaml"]),
     ("config-not-yaml", _bad_yaml, ["bad.yaml", "not valid YAML"]),
     ("config-not-a-mapping", _list_yaml, ["list.yaml", "expected a mapping"]),
+    ("config-empty", _config_text("train", ""), ["c.yaml: the config is empty"]),
+    ("config-only-a-comment", _config_text("train", "# model: later\n"), ["c.yaml: the config is empty"]),
+    ("config-without-model", _no_model, ["no 'model' section"]),
+    ("config-without-model-tiny", _config_text("train", "train:\n  steps: 5\n"), ["c.yaml: no 'model' section"]),
+    ("prepare-config-empty", _config_text("prepare", ""), ["c.yaml: the config is empty"]),
+    ("prepare-config-without-model", _config_text("prepare", "data:\n  tokenizer: byte\n"), ["no 'model' section"]),
+    ("inspect-config-only-a-comment", _config_text("inspect", "# nothing\n"), ["c.yaml: the config is empty"]),
+    ("inspect-config-without-model", _config_text("inspect", "seed: 1\n"), ["c.yaml: no 'model' section"]),
     ("unknown-key", _unknown_top_key, ["modle: unknown key"]),
     ("unknown-nested-key", lambda c: ["train", c.config("train.learning_rate=0.1")], ["train.learning_rate: unknown key"]),
     ("wrong-type-number", lambda c: ["train", c.config(), "--set", "train.lr=fast"], ["train.lr: expected a number"]),
@@ -257,7 +280,8 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, capsys, build, expected):
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, capsys, monkeypatch, build, expected):
+    monkeypatch.chdir(tmp_path)  # relative paths (the built-in out_dir and data.dir) land where the snapshot sees them
     ctx = Ctx(world, tmp_path)
     argv = build(ctx)
     before_world, before_case = snapshot(world), snapshot(tmp_path)
@@ -274,7 +298,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, tmp_path, capsy
     assert snapshot(tmp_path) == before_case, "files in the case directory were created or changed"
 
 
-SUBPROCESS_CASES = ["set-bad-yaml-value", "shard-truncated", "checkpoint-state-truncated"]
+SUBPROCESS_CASES = ["set-bad-yaml-value", "shard-truncated", "checkpoint-state-truncated", "config-empty"]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)

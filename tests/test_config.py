@@ -75,7 +75,7 @@ def test_load_config_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
     wrong = tmp_path / "wrong.yaml"
-    wrong.write_text(yaml.safe_dump({"train": {"lr": "x"}}))
+    wrong.write_text(yaml.safe_dump({"model": {"dim": 64}, "train": {"lr": "x"}}))
     with pytest.raises(UserError, match=r"wrong.yaml: train.lr"):
         load_config(wrong)
 
@@ -85,3 +85,28 @@ def test_bad_override_syntax():
         apply_overrides({}, ["train.lr"])
     with pytest.raises(UserError, match="is not a section"):
         apply_overrides({"seed": 1}, ["seed.x=1"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "the config is empty"),
+    ("\n\n", "the config is empty"),
+    ("# a comment and nothing else\n", "the config is empty"),
+    ("train:\n  steps: 10\n", "no 'model' section"),
+    ("- 1\n- 2\n", "expected a mapping at the top level, got list"),
+    ("0\n", "expected a mapping at the top level, got int"),
+], ids=["empty", "blank-lines", "only-a-comment", "no-model", "list", "scalar"])
+def test_a_config_file_must_state_its_model(tmp_path, text, message):
+    """An empty file, a comment, or a file without ``model`` is a mistake, not a request for the defaults."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_model_section_from_overrides_or_empty_counts(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 10\n")
+    assert load_config(path, ["model.dim=64"]).model.dim == 64
+    path.write_text("model: {}\n")
+    assert load_config(path).model == Config().model  # stated explicitly: the defaults are chosen

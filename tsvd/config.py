@@ -313,21 +313,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def config_from_dict(raw: dict) -> Config:
-    if raw is None:
-        raw = {}
+def _check_mapping(raw: Any) -> None:
     if not isinstance(raw, dict):
         raise UserError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
-    return validate(_build(Config, raw))
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A validated ``Config`` from a raw mapping (keys left out take their defaults)."""
+    _check_mapping({} if raw is None else raw)
+    return validate(_build(Config, raw or {}))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override and validate a YAML config — with its DeepSpeed JSON, when it names one. Errors name
-    the file and the key."""
+    the file and the key.
+
+    A config file must state its model: an empty file (or one holding only comments) and a file
+    without a ``model`` section (after ``overrides``) are refused rather than run on built-in defaults."""
     path = Path(path)
     raw = read_document(path, "YAML", f"config file not found: {path}")
-    raw = apply_overrides(raw or {}, list(overrides))
     try:
+        if raw is None:
+            raise UserError("the config is empty (nothing but comments or blank lines); "
+                            "start from one in configs/, e.g. configs/tiny-cpu.yaml")
+        _check_mapping(raw)
+        raw = apply_overrides(raw, list(overrides))
+        if "model" not in raw:
+            raise UserError("no 'model' section: a config states the model it trains "
+                            "(see configs/tiny-cpu.yaml); built-in defaults are not used in its place")
         cfg = config_from_dict(raw)
         if cfg.engine.kind == "deepspeed":  # the JSON too (splitting the batch over ranks is checked at launch)
             from tsvd.engine.ds_config import resolve_ds_config

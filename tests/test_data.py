@@ -140,18 +140,18 @@ def test_split_document_floor_on_a_small_corpus():
 def test_test_split_written_and_loaded(tmp_path):
     docs = tmp_path / "many"
     docs.mkdir()
-    for i in range(150):
+    for i in range(300):
         (docs / f"doc{i:03d}.txt").write_text(f"document number {i}: " + "lorem ipsum dolor " * (1 + i % 7))
     cfg = DataConfig(dir=str(tmp_path / "ds"), corpus=[str(docs)], tokenizer="byte", val_fraction=0.1,
                      test_fraction=0.1)
     meta = prepare_data(cfg, progress=False)
     ds = load_data(tmp_path / "ds")
     assert ds.test is not None and len(ds.test) == meta.test_tokens
-    assert meta.val_docs >= 50 and meta.test_docs >= 50 and meta.train_docs == 150 - meta.val_docs - meta.test_docs
+    assert meta.val_docs >= 50 and meta.test_docs >= 50 and meta.train_docs == 300 - meta.val_docs - meta.test_docs
     total = meta.train_tokens + meta.val_tokens + meta.test_tokens
     assert meta.val_tokens >= 0.1 * total and meta.test_tokens >= 0.1 * total
     texts = {name: set(ds.tokenizer.decode(getattr(ds, name).tolist()).split(EOT)[:-1]) for name in ("train", "val", "test")}
-    assert sum(map(len, texts.values())) == 150  # every document once, on one side
+    assert sum(map(len, texts.values())) == 300  # every document once, on one side
     assert not (texts["train"] & texts["val"]) and not (texts["train"] & texts["test"]) and not (texts["val"] & texts["test"])
     # without a test split: no test.bin, Dataset.test is None, and val is the same documents
     plain = prepare_data(DataConfig(dir=str(tmp_path / "plain"), corpus=[str(docs)], tokenizer="byte",

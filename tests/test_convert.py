@@ -138,7 +138,7 @@ def test_meta_model_sizing_allocates_nothing():
     assert sum(rep.spectral_params for rep in report) == expected
     spectral = sum(p.numel() for n, p in params.items() if n.rsplit(".", 1)[-1] in ("U", "s", "V"))
     assert spectral == expected
-    with pytest.raises(UserError, match="meta device; energy= needs real weights"):
+    with pytest.raises(UserError, match="meta device; energy=, params_ratio=, budget= and calibration= need real weights"):
         spectralize(make_model(16, 32, device="meta"), energy=0.9)
 
 
@@ -147,8 +147,8 @@ def test_meta_model_sizing_allocates_nothing():
     [
         (dict(targets="*.nothing", rank=2), "no nn.Linear matches"),
         (dict(exclude="*", rank=2), "no nn.Linear matches"),
-        (dict(rank=2, energy=0.9), "exactly one of rank= or energy="),
-        (dict(), "exactly one of rank= or energy="),
+        (dict(rank=2, energy=0.9), "exactly one of rank=, energy=, params_ratio= or budget="),
+        (dict(), "exactly one of rank=, energy=, params_ratio= or budget="),
         (dict(energy=1.5), r"energy must be a number in \(0, 1\]"),
         (dict(energy=0.0), r"energy must be a number in \(0, 1\]"),
         (dict(energy=0.9, init="sct"), "cannot be combined with init="),
@@ -189,3 +189,110 @@ def test_layer_report_arithmetic():
     r = LayerReport("x", in_features=8192, out_features=28672, rank=32, retained_energy=1.0)
     assert r.dense_params == 8192 * 28672 and r.spectral_params == 32 * (8192 + 28672 + 1)
     assert math.isclose(r.compression, r.dense_params / r.spectral_params)
+
+
+# --- activation-aware conversion (calibration=) ---
+
+def tiny_lm(seed: int = 0):
+    from tsvd.config import ModelConfig
+    from tsvd.model import Transformer
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=48, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=40,
+                                   max_seq_len=16))
+
+
+def lm_windows(seed: int = 1, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randint(0, 48, (n, 13), generator=g).split(2))
+
+
+def test_calibrated_conversion_is_the_whitened_optimum_of_the_layers_inputs():
+    from tsvd.whitening import whitened_svd
+    model, windows = tiny_lm(), lm_windows()
+    name = "layers.1.mlp.down"
+    lin = model.get_submodule(name)
+    W = lin.weight.detach().clone()
+    rows = []
+    h = lin.register_forward_pre_hook(lambda m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for w in windows:
+            model(w[:, :-1])
+    h.remove()
+    X = torch.cat(rows)  # N×in
+    lines: list[str] = []
+    report = spectralize(model, targets="*.mlp.*", rank=5, calibration=windows, log=lines.append)
+    assert [r.rank for r in report] == [5] * 6
+    new = model.get_submodule(name)
+    assert type(new) is SpectralLinear and new.U.shape == (40, 5) and new.V.shape == (16, 5)
+    expected = whitened_svd(W, X.T @ X).weight(5)
+    torch.testing.assert_close(((new.V * new.s) @ new.U.T).double(), expected, rtol=1e-4, atol=1e-5)
+    # the kept output energy is reported, and a line per layer was logged
+    out_energy = float((X @ W.double().T).square().sum())
+    err = float((X @ (W.double() - expected).T).square().sum())
+    assert report[-1].retained_energy == pytest.approx(1 - err / out_energy, rel=1e-4)
+    assert sum(name in line for line in lines) >= 2 and any(line.startswith("calibration:") for line in lines)
+
+
+def test_calibrated_layers_are_ordinary_spectral_layers():
+    from tsvd.retraction import Retractor
+    model, windows = tiny_lm(), lm_windows()
+    shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n}
+    dense = sum(o * i for o, i in shapes.values())
+    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, sensitivity_batches=2)
+    spent = sum(r.spectral_params for r in report)
+    assert spent <= dense // 2 and dense // 2 - spent < max(o + i + 1 for o, i in shapes.values())
+    for r in report:
+        m = model.get_submodule(r.name)
+        eye = torch.eye(m.rank)
+        torch.testing.assert_close(m.U.T @ m.U, eye, rtol=0, atol=1e-5)  # fp32 factors of fp64 QR/SVD
+        torch.testing.assert_close(m.V.T @ m.V, eye, rtol=0, atol=1e-5)
+    # a training step with the retraction
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    _, loss = model(windows[0][:, :-1], windows[0][:, 1:])
+    loss.backward()
+    opt.step()
+    Retractor(model)()
+    layer = model.get_submodule(report[0].name)
+    torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(layer.rank), rtol=0, atol=1e-5)
+    # truncate, grow (W unchanged), densify for export
+    k = layer.rank
+    layer.truncate_(k - 1)
+    x = torch.randn(3, layer.in_features)
+    y = layer(x).detach()
+    Q = torch.linalg.qr(torch.cat([layer.U.detach(), torch.randn(layer.in_features, 2)], 1))[0][:, k - 1:]
+    P = torch.linalg.qr(torch.cat([layer.V.detach(), torch.randn(layer.out_features, 2)], 1))[0][:, k - 1:]
+    layer.grow_(Q, P)
+    assert layer.rank == k + 1
+    torch.testing.assert_close(layer(x), y, rtol=TOL, atol=TOL)
+    logits = model(windows[1][:, :-1])[0].detach()
+    assert densify(model) == len(report)
+    torch.testing.assert_close(model(windows[1][:, :-1])[0], logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(params_ratio=0.5, calibration=[]), "calibration has no batches"),
+        (dict(params_ratio=1.5), r"params ratio must be a number in \(0, 1\]"),
+        (dict(params_ratio=0.0, calibration=None), r"params ratio must be a number in \(0, 1\]"),
+        (dict(budget=0), "budget must be a positive number"),
+        (dict(budget=10**9), "exceeds the targeted layers' dense parameters"),
+        (dict(energy=0.9, calibration=[torch.zeros(1, 3, dtype=torch.long)]), "cannot be combined with energy="),
+        (dict(params_ratio=0.5, allocation="loss"), "allocation='loss' needs calibration="),
+        (dict(params_ratio=0.5, allocation="energy"), "allocation must be 'loss' or 'uniform'"),
+        (dict(params_ratio=0.5, rank=3), "exactly one of rank=, energy=, params_ratio= or budget="),
+    ],
+)
+def test_bad_calibrated_arguments_raise_user_error(kwargs, message):
+    model = tiny_lm()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(UserError, match=message):
+        spectralize(model, targets="*.mlp.*", **kwargs)
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing replaced
+
+
+def test_plain_params_ratio_is_uniform_truncated_svd():
+    model = make_model(16, 32)
+    report = spectralize(model, targets="*.mlp.*", params_ratio=0.6)
+    for r in report:  # 16x32: 0.6·512/49 → rank 6
+        assert r.rank == int(0.6 * r.dense_params // (r.in_features + r.out_features + 1)) == 6

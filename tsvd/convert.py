@@ -1,22 +1,35 @@
-"""``spectralize``: one-line conversion of any ``nn.Module``'s ``nn.Linear`` layers to spectral layers."""
+"""``spectralize``: one-line conversion of any ``nn.Module``'s ``nn.Linear`` layers to spectral layers.
+
+Pretrained weights become truncated-SVD factors. Per layer (``rank=``, ``energy=``) or for the whole set
+(``params_ratio=``, ``budget=``); by the weight's own SVD, or, with ``calibration=``, by the
+activation-aware SVD that is optimal on the calibration inputs (``tsvd.whitening``), with ranks allocated
+by the model's loss (``tsvd.allocation``).
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from tsvd.allocation import (budget_spent, check_ratio, greedy_ranks, loss_sensitivity, rank_cost, ratio_budget,
+                             uniform_ranks)
+from tsvd.calibration import collect_moments, next_token_loss
 from tsvd.errors import UserError
 from tsvd.spectral import INITS, SpectralLinear, check_rank
 from tsvd.spectrum import check_energy
+from tsvd.whitening import DAMPING, WhitenedSVD, whitened_svd
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One converted layer: ``retained_energy`` is ``Σ kept sᵢ² / ‖W‖_F²`` (1.0 for fresh layers)."""
+    """One converted layer: ``retained_energy`` is ``Σ kept sᵢ² / ‖W‖_F²`` (1.0 for fresh layers); for a
+    calibrated conversion, the kept fraction of the layer's output energy on the calibration inputs
+    (``Σ kept σᵢ² / ‖W X‖_F²`` of the whitened SVD)."""
 
     name: str
     in_features: int
@@ -63,51 +76,165 @@ def spectralize(
     energy: float | None = None,
     init: str | None = None,
     exclude: Sequence[str] | str = (),
+    *,
+    params_ratio: float | None = None,
+    budget: int | None = None,
+    calibration: Sequence[Tensor] | None = None,
+    allocation: str | None = None,
+    sensitivity_batches: int = 4,
+    loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+    damping: float = DAMPING,
+    log: Callable[[str], None] | None = None,
 ) -> list[LayerReport]:
     """Replace every ``nn.Linear`` whose qualified name matches a glob in ``targets`` (and none in
     ``exclude``) by a ``SpectralLinear``, in place; returns a per-layer report.
 
-    ``init=None`` converts the existing (pretrained) weights by truncated SVD at a fixed ``rank``
-    (capped at ``min(in, out)``) or at the smallest rank retaining ``energy`` of ``Σ sᵢ²``.
+    Exactly one size: ``rank`` (every layer, capped at ``min(in, out)``), ``energy`` (per layer, the
+    smallest rank keeping that fraction of ``Σ sᵢ²``), ``params_ratio`` (the targeted layers' factors
+    hold this fraction of their dense parameters, in (0, 1]) or ``budget`` (that many parameters).
+
+    ``init=None`` converts the existing (pretrained) weights. Without ``calibration`` by the weight's
+    truncated SVD; ``params_ratio``/``budget`` then give every layer the same fraction. With
+    ``calibration`` — batches passed as ``loss_fn(model, batch)`` (default: token windows ``(B, T+1)``
+    of a causal LM, ``tsvd.calibration.next_token_loss``) — by the activation-aware SVD optimal on the
+    calibration inputs, and ``allocation="loss"`` (the default there) spends the budget where the
+    model's calibration loss rises most per parameter (sensitivity measured on the first
+    ``sensitivity_batches`` batches); ``allocation="uniform"`` keeps the same fraction per layer.
     ``init="scaled"`` / ``"sct"`` builds fresh spectral layers at ``rank`` instead. Models on the
     ``meta`` device get fresh meta layers (sizing without allocation; needs ``rank``).
+    ``log`` receives a progress line per layer.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    if (rank is None) == (energy is None):
-        raise UserError("spectralize: give exactly one of rank= or energy=")
+    if sum(x is not None for x in (rank, energy, params_ratio, budget)) != 1:
+        raise UserError("spectralize: give exactly one of rank=, energy=, params_ratio= or budget=")
     if energy is not None:
         check_energy(energy)
-        if init is not None:
-            raise UserError("spectralize: energy= chooses ranks from existing weights; it cannot be combined with init=")
+    if params_ratio is not None:
+        check_ratio(params_ratio)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise UserError(f"spectralize: budget must be a positive number of parameters, got {budget!r}")
+    if init is not None and rank is None:
+        raise UserError("spectralize: init= builds fresh layers at rank=; it cannot be combined with init=None's "
+                        "sizes (energy=, params_ratio=, budget=)")
     if init is not None and init not in INITS:
         raise UserError(f"spectralize: init must be one of {INITS} or None, got {init!r}")
+    if calibration is not None and (init is not None or energy is not None):
+        raise UserError("spectralize: calibration= converts pretrained weights at rank=, params_ratio= or budget=; "
+                        "it cannot be combined with energy= or init=")
+    allocation = allocation or ("loss" if calibration is not None and rank is None else "uniform")
+    if allocation not in ("loss", "uniform"):
+        raise UserError(f"spectralize: allocation must be 'loss' or 'uniform', got {allocation!r}")
+    if allocation == "loss" and (calibration is None or rank is not None):
+        raise UserError("spectralize: allocation='loss' needs calibration= and params_ratio= or budget=")
 
     chosen = [(n, m) for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and matches_glob(n, targets) and not matches_glob(n, exclude)]
     if any(name == "" for name, _ in chosen):
         raise UserError("spectralize: the model itself is an nn.Linear and cannot be replaced in place; "
                         "use SpectralLinear.from_linear(layer, ...) instead")
+    if not chosen:
+        raise UserError(f"spectralize: no nn.Linear matches targets={targets} (exclude={exclude})")
+    meta = [n for n, m in chosen if m.weight.device.type == "meta"]
+    if meta and (rank is None or calibration is not None):
+        raise UserError(f"spectralize: {meta[0]} is on the meta device; energy=, params_ratio=, budget= and "
+                        "calibration= need real weights, use rank=")
+    shapes = {n: tuple(m.weight.shape) for n, m in chosen}
+    ranks = None
+    if params_ratio is not None or budget is not None:
+        ratio = params_ratio if params_ratio is not None else budget / sum(o * i for o, i in shapes.values())
+        if ratio > 1.0:
+            raise UserError(f"spectralize: budget {budget:,} exceeds the targeted layers' dense parameters "
+                            f"({sum(o * i for o, i in shapes.values()):,})")
+        ranks = uniform_ranks(shapes, ratio)
+        if allocation == "loss":
+            budget = budget if budget is not None else ratio_budget(shapes, ratio)
+    if calibration is not None:
+        layers = dict(chosen)
+        whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log)
+        if ranks is None:
+            ranks = {n: min(rank, w.max_rank) for n, w in whitened.items()}
+        if allocation == "loss":
+            ranks = loss_aware_ranks(model, layers, whitened, ranks, budget, calibration[:sensitivity_batches],
+                                     loss_fn, log)
+        return replace_with_factors(model, layers, whitened, ranks, log)
+
     report: list[LayerReport] = []
     for name, lin in chosen:
         out_f, in_f = lin.weight.shape
-        meta = lin.weight.device.type == "meta"
-        if meta and energy is not None:
-            raise UserError(f"spectralize: {name} is on the meta device; energy= needs real weights, use rank=")
-        if init is not None or meta:
+        if init is not None or lin.weight.device.type == "meta":
             k = check_rank(rank, in_f, out_f, f"rank for {name}")
             new = SpectralLinear(in_f, out_f, k, bias=lin.bias is not None, init=init or "scaled",
                                  device=lin.weight.device, dtype=lin.weight.dtype)
             kept = 1.0
         else:
-            k = None if rank is None else min(rank, in_f, out_f)
+            k = ranks[name] if ranks is not None else None if rank is None else min(rank, in_f, out_f)
             new = SpectralLinear.from_linear(lin, rank=k, energy=energy)
             total = float(lin.weight.detach().double().square().sum())
             kept = 1.0 if total == 0.0 else float(new.s.detach().double().square().sum()) / total
         _set_submodule(model, name, new)
         report.append(LayerReport(name, in_f, out_f, new.rank, kept))
-    if not report:
-        raise UserError(f"spectralize: no nn.Linear matches targets={targets} (exclude={exclude})")
+        if log is not None:
+            log(f"  {name}: rank {new.rank}, energy {kept:.4f}")
+    return report
+
+
+@torch.no_grad()
+def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
+                    loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss, damping: float = DAMPING,
+                    log: Callable[[str], None] | None = None) -> dict[str, WhitenedSVD]:
+    """One pass over the calibration batches, then each layer's whitened SVD (``tsvd.whitening``)."""
+    if len(calibration) == 0:
+        raise UserError("spectralize: calibration has no batches")
+    t0 = time.perf_counter()
+    moments, base = collect_moments(model, layers, calibration, loss_fn)
+    if log is not None:
+        log(f"calibration: {len(calibration)} batches through the model in {time.perf_counter() - t0:.1f} s, "
+            f"loss {base:.4f}")
+    out: dict[str, WhitenedSVD] = {}
+    for k, (name, layer) in enumerate(layers.items()):
+        t1 = time.perf_counter()
+        out[name] = whitened_svd(layer.weight, moments.moment(name), damping)
+        if log is not None:
+            log(f"  whitened SVD {k + 1}/{len(layers)} {name} ({moments.rows(name):,} input rows, "
+                f"{time.perf_counter() - t1:.1f} s)")
+    return out
+
+
+def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD],
+                     probe: dict[str, int], budget: int, batches: Sequence[Tensor],
+                     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                     log: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Ranks spending ``budget`` parameters by ``β·σᵢ²`` per parameter, ``β`` each layer's measured loss
+    sensitivity at the ``probe`` ranks (``tsvd.allocation``)."""
+    beta = loss_sensitivity(model, layers, whitened, probe, batches, loss_fn, log)
+    costs = {n: rank_cost(lin.in_features, lin.out_features) for n, lin in layers.items()}
+    ranks = greedy_ranks({n: beta[n] * w.direction_loss() for n, w in whitened.items()}, costs, budget)
+    if log is not None:
+        log(f"loss-aware ranks {min(ranks.values())}-{max(ranks.values())}, "
+            f"{budget_spent(ranks, costs):,} of {budget:,} parameters")
+    return ranks
+
+
+@torch.no_grad()
+def replace_with_factors(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD],
+                         ranks: dict[str, int], log: Callable[[str], None] | None = None) -> list[LayerReport]:
+    """Replace each layer by a ``SpectralLinear`` holding its whitened rank-``ranks[name]`` factors."""
+    report = []
+    for name, lin in layers.items():
+        w, k = whitened[name], ranks[name]
+        U, s, V = w.factors(k)
+        new = SpectralLinear(lin.in_features, lin.out_features, k, bias=lin.bias is not None, device="meta")
+        dtype, device = lin.weight.dtype, lin.weight.device
+        new.U, new.s, new.V = (nn.Parameter(t.to(device=device, dtype=dtype).contiguous()) for t in (U, s, V))
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.detach().clone())
+        _set_submodule(model, name, new)
+        total = float(w.direction_loss().sum())
+        kept = 1.0 if total == 0.0 else 1.0 - w.truncation_loss(k) / total
+        report.append(LayerReport(name, lin.in_features, lin.out_features, k, kept))
+        if log is not None:
+            log(f"  {name}: rank {k}, calibration output energy kept {kept:.4f}")
     return report
 
 

@@ -1,0 +1,78 @@
+"""Calibration statistics: hooks accumulate each layer's X Xᵀ exactly, shared inputs once.
+
+Tolerance: per-batch products in float32 summed in float64; O(1) inputs of 8 features over ≤ 64 rows
+agree with the float64 reference to ~1e-6 relative (float32 rounding); 1e-5 leaves headroom.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tsvd import UserError
+from tsvd.calibration import InputMoments, collect_moments, next_token_loss, token_windows
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate, self.up, self.down = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.gate(x)) * self.up(x))
+
+
+def test_moments_are_the_input_second_moments_and_shared_inputs_count_once():
+    model = Mlp()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 5, 8, generator=g) for _ in range(4)]
+    layers = {"gate": model.gate, "up": model.up, "down": model.down}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    refs = [l.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]).double()))
+            for n, l in layers.items()]
+    with torch.no_grad(), InputMoments(layers) as m:
+        for x in xs:
+            model(x)
+            m.end_batch()
+    for h in refs:
+        h.remove()
+    for n in layers:
+        X = torch.cat(seen[n])
+        torch.testing.assert_close(m.moment(n), X.T @ X, rtol=1e-5, atol=1e-5)
+        assert m.moment(n).dtype == torch.float64 and m.rows(n) == 4 * 15
+    assert m.shared_with("up") == "gate" and m.shared_with("down") == "down"
+    assert m.moment("up") is m.moment("gate")
+    assert not model.gate._forward_pre_hooks  # hooks removed on exit
+
+
+def test_collect_moments_returns_the_mean_loss():
+    model = Mlp()
+    xs = [torch.randn(2, 8), torch.randn(4, 8)]
+    loss_fn = lambda m, x: m(x).square().mean()  # noqa: E731
+    moments, loss = collect_moments(model, {"down": model.down}, xs, loss_fn)
+    with torch.no_grad():
+        expected = (2 * float(loss_fn(model, xs[0])) + 4 * float(loss_fn(model, xs[1]))) / 6
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert moments.rows("down") == 6 and moments.rows("gate") == 0
+    with pytest.raises(UserError, match="saw no input"):
+        moments.moment("gate")
+
+
+def test_token_windows():
+    tokens = torch.arange(50)
+    w = token_windows(tokens, seq_len=8, n_tokens=20, batch_size=2)
+    assert [b.shape for b in w] == [(2, 9), (1, 9)]  # 3 windows predict 24 ≥ 20 tokens
+    assert w[0][1].tolist() == list(range(8, 17))  # consecutive, sharing one boundary token
+    assert sum(b.shape[0] for b in token_windows(tokens, 8, 10_000, 4)) == 6  # capped by the text
+    with pytest.raises(UserError, match="calibration text is too short: 5 tokens"):
+        token_windows(torch.arange(5), 8, 100, 2)
+
+
+def test_next_token_loss_reads_logits_from_any_output_shape():
+    logits = torch.randn(1, 3, 5)
+    w = torch.tensor([[1, 2, 3, 4]])
+    expected = nn.functional.cross_entropy(logits[0], w[0, 1:])
+    for wrap in (lambda t: t, lambda t: (t, None), lambda t: type("O", (), {"logits": t})()):
+        assert float(next_token_loss(lambda x, wrap=wrap: wrap(logits), w)) == pytest.approx(float(expected))

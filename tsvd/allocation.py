@@ -1,0 +1,104 @@
+"""Global rank allocation: one parameter budget for a set of layers, spent where it saves the most loss.
+
+A spectral ``out×in`` layer of rank ``r`` stores ``r·(in + out + 1)`` numbers (``U``, ``V``, ``s``).
+
+- ``uniform_ranks``: every layer keeps the same fraction of its dense parameters.
+- ``greedy_ranks``: given each layer's loss per dropped direction (``gains[name][i]``, descending in
+  ``i``), keep the directions with the largest loss per parameter until the budget is spent. For
+  losses that add over directions and layers this is the optimum of the budgeted problem up to the
+  last rank (the per-layer cost of a direction is constant and the gains are sorted).
+- ``loss_sensitivity``: what makes the gains the model's loss. Truncating one layer alone to a probe
+  rank and measuring the increase of the model's calibration loss gives ``ΔL``; dividing by that
+  truncation's whitened output error ``E`` (``tsvd.whitening``) gives the layer's loss per unit of
+  output error, ``β = ΔL / E``, which scales its ``σᵢ²``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tsvd.errors import UserError
+from tsvd.whitening import WhitenedSVD
+
+
+def rank_cost(in_features: int, out_features: int) -> int:
+    """Parameters one rank of a spectral ``out×in`` layer stores: a column of ``U``, of ``V``, and ``s``."""
+    return in_features + out_features + 1
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+        raise UserError(f"params ratio must be a number in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def ratio_budget(shapes: dict[str, tuple[int, int]], ratio: float) -> int:
+    """``ratio`` of the layers' dense parameters (``shapes[name] = (out, in)``), rounded down."""
+    return int(math.floor(check_ratio(ratio) * sum(o * i for o, i in shapes.values())))
+
+
+def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float) -> dict[str, int]:
+    """Each layer at the largest rank whose factors hold at most ``ratio`` of its dense parameters
+    (at least 1, at most ``min(out, in)``)."""
+    ratio = check_ratio(ratio)
+    return {n: max(1, min(min(o, i), int(ratio * o * i // rank_cost(i, o)))) for n, (o, i) in shapes.items()}
+
+
+def greedy_ranks(gains: dict[str, Tensor], costs: dict[str, int], budget: int, min_rank: int = 1) -> dict[str, int]:
+    """Ranks maximizing the kept ``Σ gains[name][:rank]`` with ``Σ rank·costs[name] ≤ budget``.
+
+    ``gains[name]`` (descending) is the loss of dropping each direction; every layer keeps at least
+    ``min_rank``. The spent budget is within one rank's cost of ``budget`` unless every direction fits.
+    """
+    ranks = {n: min(min_rank, g.numel()) for n, g in gains.items()}
+    left = budget - sum(ranks[n] * costs[n] for n in gains)
+    if left < 0:
+        raise UserError(f"a budget of {budget:,} parameters cannot give every layer rank {min_rank} "
+                        f"(needs {budget - left:,})")
+    names = list(gains)
+    per_param = torch.cat([gains[n][ranks[n]:].double() / costs[n] for n in names])
+    owner = torch.cat([torch.full((gains[n].numel() - ranks[n],), k) for k, n in enumerate(names)])
+    for k in owner[torch.argsort(per_param, descending=True, stable=True)].tolist():
+        c = costs[names[k]]
+        if c <= left:
+            ranks[names[k]] += 1
+            left -= c
+    return ranks
+
+
+def budget_spent(ranks: dict[str, int], costs: dict[str, int]) -> int:
+    return sum(r * costs[n] for n, r in ranks.items())
+
+
+@torch.no_grad()
+def loss_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD],
+                     probe: dict[str, int], batches: Sequence[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
+                     log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """``β[name] = ΔL / E``: the increase of the mean calibration loss when layer ``name`` alone is
+    replaced by its whitened rank-``probe[name]`` optimum, per unit of its output error ``E``.
+
+    Layers whose measured increase is not positive get the smallest positive ``β`` measured (they are
+    the least sensitive seen, not free); if none is positive, every ``β`` is 1.
+    """
+    def mean_loss() -> float:
+        return sum(float(loss_fn(model, b)) * b.shape[0] for b in batches) / sum(b.shape[0] for b in batches)
+
+    base = mean_loss()
+    rise: dict[str, float] = {}
+    for k, (name, layer) in enumerate(layers.items()):
+        kept = layer.weight.data
+        layer.weight.data = whitened[name].weight(probe[name]).to(kept)
+        try:
+            rise[name] = mean_loss() - base
+        finally:
+            layer.weight.data = kept
+        if log is not None:
+            log(f"  sensitivity {k + 1}/{len(layers)} {name}: rank {probe[name]} -> loss +{rise[name]:.4f}")
+    beta = {n: rise[n] / max(whitened[n].truncation_loss(probe[n]), 1e-300) for n in layers}
+    positive = [b for n, b in beta.items() if rise[n] > 0]
+    floor = min(positive) if positive else 1.0
+    return {n: (b if rise[n] > 0 else floor) if positive else 1.0 for n, b in beta.items()}

@@ -1,0 +1,122 @@
+"""Calibration: stream inputs through a model and accumulate each target layer's input second moment.
+
+``InputMoments`` puts a forward pre-hook on each target ``nn.Linear``; every batch adds ``Xᵀ X`` of the
+layer's input rows (``X`` is ``tokens×in``) to a float64 ``in×in`` sum. Nothing else is kept, so memory
+is one ``in×in`` statistic per distinct input, not the activations. Layers fed the *same* tensor (a
+Llama block's ``q/k/v`` or ``gate/up`` projections) share one statistic and its cost.
+
+Each batch's product is formed in the input's dtype (float32: a sum over one batch's tokens, relative
+rounding ~1e-7·√tokens) and added to the float64 total, so the total's rounding does not grow with
+the number of batches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tsvd.errors import UserError
+
+
+def model_logits(out) -> Tensor:
+    """Logits from a model's output: a tensor, a tuple whose first item they are, or ``.logits``."""
+    if hasattr(out, "logits"):
+        return out.logits
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def next_token_loss(model: nn.Module, window: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of a causal LM on token windows ``(B, T+1)``: ``model(window[:, :-1])``
+    predicts ``window[:, 1:]``."""
+    logits = model_logits(model(window[:, :-1]))
+    return F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten())
+
+
+def token_windows(tokens: Tensor, seq_len: int, n_tokens: int, batch_size: int) -> list[Tensor]:
+    """Consecutive, non-overlapping windows of ``seq_len + 1`` tokens from the start of ``tokens`` (1-D),
+    enough to predict ``n_tokens`` tokens (whole windows), batched ``(≤batch_size, seq_len + 1)``."""
+    if seq_len < 1 or n_tokens < 1 or batch_size < 1:
+        raise UserError(f"calibration needs seq_len, tokens and batch size ≥ 1, got {seq_len}, {n_tokens}, {batch_size}")
+    available = (tokens.numel() - 1) // seq_len
+    if available < 1:
+        raise UserError(f"calibration text is too short: {tokens.numel()} tokens, need more than {seq_len + 1}")
+    n = min(available, -(-n_tokens // seq_len))
+    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)
+    windows = tokens[idx].long()
+    return list(windows.split(batch_size))
+
+
+class InputMoments:
+    """``with InputMoments(layers) as m: <forward passes>``; then ``m.moment(name)`` is ``Σ x xᵀ`` (float64,
+    ``in×in``) over every input row the layer ``name`` saw, and ``m.rows(name)`` the number of rows."""
+
+    def __init__(self, layers: dict[str, nn.Linear]) -> None:
+        self.layers = layers
+        self._sums: dict[str, Tensor] = {}  # one per distinct input: keyed by the first layer that saw it
+        self._rows: dict[str, int] = {}
+        self._owner: dict[str, str] = {}  # layer name -> key of its statistic
+        self._last: tuple[Tensor, str] | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "InputMoments":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]  # the object itself: layers fed the same tensor receive the same object
+            shared = self._last is not None and self._last[0] is x
+            key = self._owner.setdefault(name, self._last[1] if shared else name)
+            if shared and key == self._last[1]:
+                return
+            if key != name:
+                raise RuntimeError(f"calibration: {name} shared the input of {key} in an earlier batch but not now")
+            rows = x.detach().reshape(-1, x.shape[-1])
+            gram = rows.T @ rows
+            if key in self._sums:
+                self._sums[key] += gram
+                self._rows[key] += rows.shape[0]
+            else:
+                self._sums[key], self._rows[key] = gram.double(), rows.shape[0]
+            self._last = (x, key)
+        return hook
+
+    def end_batch(self) -> None:
+        """Forget the last input (call after each forward pass, so it can be freed)."""
+        self._last = None
+
+    def moment(self, name: str) -> Tensor:
+        if name not in self._owner:
+            raise UserError(f"calibration: layer {name} saw no input (is it used in the model's forward?)")
+        return self._sums[self._owner[name]]
+
+    def rows(self, name: str) -> int:
+        return self._rows[self._owner[name]] if name in self._owner else 0
+
+    def shared_with(self, name: str) -> str:
+        """The layer whose statistic ``name`` shares (itself if none)."""
+        return self._owner[name]
+
+
+@torch.no_grad()
+def collect_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Tensor],
+                    loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> tuple[InputMoments, float]:
+    """Run ``loss_fn(model, batch)`` over the calibration batches with the moment hooks on; returns the
+    statistics and the mean calibration loss (of the unchanged model, weighted by batch size)."""
+    total, count = 0.0, 0
+    with InputMoments(layers) as moments:
+        for batch in batches:
+            total += float(loss_fn(model, batch)) * batch.shape[0]
+            count += batch.shape[0]
+            moments.end_batch()
+    return moments, total / max(count, 1)

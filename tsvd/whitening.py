@@ -1,0 +1,87 @@
+"""Activation-aware (whitened) truncated SVD of a linear layer's weight.
+
+A layer ``y = W x`` (``W`` is ``out×in``) sees calibration inputs ``X`` (``in×N``) with second moment
+``C = X Xᵀ``. The error a replacement ``W'`` causes on those inputs is
+``‖(W − W') X‖_F² = tr((W − W') C (W − W')ᵀ) = ‖(W − W') L‖_F²`` for any ``C = L Lᵀ``. So the best
+rank-``r`` ``W'`` on the calibration inputs is ``[W L]_r L⁻¹`` (Eckart–Young on ``W L``), and dropping the
+whitened direction ``i`` costs exactly ``σᵢ²`` of output error: the truncation loss is the sum of the
+discarded ``σᵢ²`` (SVD-LLM's result).
+
+``whitened_svd`` computes that once per layer; ``WhitenedSVD.factors(r)`` returns the rank-``r`` weight in
+the engine's form ``W' = V diag(s) Uᵀ`` with orthonormal ``U (in×r)``, ``V (out×r)`` and ``s ≥ 0``
+descending (``tsvd.spectral.SpectralLinear``), through a QR of the un-whitened factor and an ``r×r`` SVD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DAMPING = 1e-6  # relative to mean(diag C): far below any direction the data uses, enough for Cholesky
+
+
+def damped_cholesky(C: Tensor, damping: float = DAMPING) -> Tensor:
+    """Lower-triangular ``L`` with ``L Lᵀ = C + λ I``, ``λ = damping · mean(diag C)`` (float64).
+
+    If ``C + λI`` is still not positive definite in floating point (rank-deficient ``C``, rounding),
+    ``λ`` grows tenfold until the factorization succeeds; an all-zero ``C`` (a layer that only saw
+    zeros) gets ``λ = damping``.
+    """
+    C = C.double()
+    scale = float(C.diagonal().mean()) if C.numel() else 0.0
+    lam = damping * (scale if scale > 0 else 1.0)
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    while True:
+        L, info = torch.linalg.cholesky_ex(C + lam * eye)
+        if int(info) == 0:
+            return L
+        lam *= 10.0
+
+
+@dataclass(frozen=True)
+class WhitenedSVD:
+    """``W L = P diag(σ) Qᵀ`` stored as ``P (out×k)``, ``σ (k)``, ``B = L⁻ᵀ Q (in×k)``, ``k = min(out, in)``,
+    all float64: the rank-``r`` optimum on the calibration inputs is ``P_r diag(σ_r) B_rᵀ``."""
+
+    P: Tensor
+    sigma: Tensor
+    B: Tensor
+
+    @property
+    def max_rank(self) -> int:
+        return self.sigma.numel()
+
+    def direction_loss(self) -> Tensor:
+        """``σᵢ²``: the calibration output error (``‖ΔW X‖_F²``) of dropping direction ``i``, descending."""
+        return self.sigma.square()
+
+    def truncation_loss(self, rank: int) -> float:
+        """``‖(W − W'_r) X‖_F²`` of the rank-``rank`` optimum: the sum of the discarded ``σᵢ²``."""
+        return float(self.sigma[rank:].square().sum())
+
+    def weight(self, rank: int) -> Tensor:
+        """The dense rank-``rank`` optimum ``W'`` (``out×in``, float64)."""
+        return (self.P[:, :rank] * self.sigma[:rank]) @ self.B[:, :rank].T
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U (in×r), s (r), V (out×r))`` with ``W'_r = V diag(s) Uᵀ``, ``UᵀU = VᵀV = I``, ``s`` descending.
+
+        ``B_r = Q_B R`` (QR), ``diag(σ_r) Rᵀ = Pm diag(s) Qmᵀ`` (``r×r`` SVD); then ``V = P_r Pm``,
+        ``U = Q_B Qm``: ``O((in + out)·r²)`` on top of the stored SVD.
+        """
+        Qb, R = torch.linalg.qr(self.B[:, :rank])
+        Pm, s, Qmh = torch.linalg.svd(self.sigma[:rank, None] * R.T)
+        return Qb @ Qmh.T, s, self.P[:, :rank] @ Pm
+
+
+def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING) -> WhitenedSVD:
+    """The SVD of ``W L`` (``W`` ``out×in``, input second moment ``C`` ``in×in``), mapped back by ``L⁻ᵀ``."""
+    W = W.detach().double()
+    if C.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"second moment {tuple(C.shape)} does not fit a weight {tuple(W.shape)} (needs in×in)")
+    L = damped_cholesky(C.to(W.device), damping)
+    P, sigma, Qh = torch.linalg.svd(W @ L, full_matrices=False)
+    B = torch.linalg.solve_triangular(L.T, Qh.T, upper=True)  # L⁻ᵀ Q
+    return WhitenedSVD(P, sigma, B)

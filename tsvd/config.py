@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from tsvd.errors import UserError, read_document
+from tsvd.spectral import check_rank
+from tsvd.spectrum import check_energy
 
 SPECTRAL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed")
 
@@ -200,9 +202,18 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise UserError(f"{key}: must be {'≥ 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(cfg: Config) -> Config:
-    """Cross-field checks that types alone cannot express. Returns ``cfg``."""
-    m, t, r, sp = cfg.model, cfg.train, cfg.rank, cfg.model.spectral
+def initial_rank(m: ModelConfig, target: str) -> tuple[int, str]:
+    """``(rank, config key it comes from)`` of the spectral projection ``target``."""
+    sp = m.spectral
+    if target in sp.rank_overrides:
+        return sp.rank_overrides[target], f"model.spectral.rank_overrides.{target}"
+    return sp.rank, "model.spectral.rank"
+
+
+def check_model(m: ModelConfig) -> None:
+    """The rules of a model config: sizes, heads, spectral targets and their ranks. The ranks of ``embed``
+    and ``lm_head`` depend on the vocabulary and are checked once it is known (``vocab_size > 0``;
+    ``tsvd.model`` applies these rules again when it builds a model with the data's vocabulary)."""
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.vocab_size", m.vocab_size, allow_zero=True)
@@ -212,18 +223,28 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.n_kv_heads: {m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
     if (m.dim // m.n_heads) % 2:
         raise UserError(f"model.dim: head dim {m.dim // m.n_heads} must be even for RoPE")
+    sp = m.spectral
     for tgt in list(sp.targets) + list(sp.rank_overrides):
         if tgt not in SPECTRAL_TARGETS:
             raise UserError(f"model.spectral.targets: unknown target {tgt!r} (valid: {', '.join(SPECTRAL_TARGETS)})")
+    if m.tie_embeddings and "lm_head" in sp.targets:
+        raise UserError("model.spectral.targets: 'lm_head' cannot be spectral with model.tie_embeddings: true "
+                        "(the head is the embedding; target 'embed' instead)")
     shapes = layer_shapes(m)
     for tgt in sp.targets:
-        rank = sp.rank_overrides.get(tgt, sp.rank)
-        key = f"model.spectral.rank_overrides.{tgt}" if tgt in sp.rank_overrides else "model.spectral.rank"
-        rows, cols = shapes[tgt]
         if m.vocab_size == 0 and tgt in ("lm_head", "embed"):
-            continue  # checked again once the vocabulary is known (tsvd.model)
-        if not 1 <= rank <= min(rows, cols):
-            raise UserError(f"{key}: rank {rank} is impossible for the {tgt} projection ({rows}×{cols}): need 1 ≤ rank ≤ {min(rows, cols)}")
+            continue
+        rank, key = initial_rank(m, tgt)
+        try:
+            check_rank(rank, *shapes[tgt], key)
+        except UserError as e:
+            raise UserError(f"{e} (the {tgt} projection)") from None
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express. Returns ``cfg``."""
+    m, t, r, sp = cfg.model, cfg.train, cfg.rank, cfg.model.spectral
+    check_model(m)
     for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval",
                 "checkpoint_interval", "max_bad_steps"):
         _positive(f"train.{key}", getattr(t, key))
@@ -251,8 +272,7 @@ def validate(cfg: Config) -> Config:
     _positive("data.max_bytes", cfg.data.max_bytes, allow_zero=True)
     if not cfg.data.corpus:
         raise UserError("data.corpus: empty; give 'stdlib' or text files/folders")
-    if not 0.0 < r.energy <= 1.0:
-        raise UserError(f"rank.energy: must be in (0, 1], got {r.energy}")
+    check_energy(r.energy, "rank.energy")
     for key in ("grow_tail", "tail_fraction", "max_shrink", "hysteresis"):
         v = getattr(r, key)
         if not 0.0 <= v < 1.0:

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tsvd.config import SPECTRAL_TARGETS, ModelConfig, layer_shapes
+from tsvd.config import ModelConfig, check_model, initial_rank, layer_shapes
 from tsvd.errors import UserError
-from tsvd.spectral import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank
+from tsvd.spectral import SpectralEmbedding, SpectralLinear, SpectralModule
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -177,27 +177,16 @@ def init_normal_(weight: Tensor, std: float) -> None:
 
 
 def target_rank(cfg: ModelConfig, target: str) -> int:
-    """Initial rank of a spectral ``target``, validated against its shape (errors name the config key)."""
-    sp = cfg.spectral
-    key = f"model.spectral.rank_overrides.{target}" if target in sp.rank_overrides else "model.spectral.rank"
-    out_f, in_f = layer_shapes(cfg)[target]
-    return check_rank(sp.rank_overrides.get(target, sp.rank), out_f, in_f, key)
+    """Initial rank of a spectral ``target`` (validated by ``check_model_config``)."""
+    return initial_rank(cfg, target)[0]
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """The checks a model needs beyond ``tsvd.config.validate`` (which cannot know the vocabulary)."""
+    """``tsvd.config.check_model`` with the vocabulary known (a config may leave it to the data)."""
     if cfg.vocab_size <= 0:
         raise UserError(f"model.vocab_size: must be > 0 to build a model, got {cfg.vocab_size} "
                         "(0 means 'from the prepared data': load the data first)")
-    if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
-        raise UserError(f"model.n_heads: dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads} need "
-                        "n_heads | dim, n_kv_heads | n_heads and an even head dim")
-    unknown = [t for t in cfg.spectral.targets if t not in SPECTRAL_TARGETS]
-    if unknown:
-        raise UserError(f"model.spectral.targets: unknown {unknown} (valid: {', '.join(SPECTRAL_TARGETS)})")
-    if cfg.tie_embeddings and "lm_head" in cfg.spectral.targets:
-        raise UserError("model.spectral.targets: 'lm_head' cannot be spectral with model.tie_embeddings: true "
-                        "(the head is the embedding; target 'embed' instead)")
+    check_model(cfg)
 
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> Transformer:

@@ -82,6 +82,10 @@ class RankConfig:
     hysteresis: float = 0.05  # ignore changes smaller than this fraction of the rank
     budget_params: int = 0  # budget policy: total spectral parameters (0 = the initial count)
     grow_directions: Literal["gradient", "random"] = "gradient"
+    protect: int = 0  # a new direction cannot be dropped for this many decisions (0: no shrink right after growth)
+    grow_init: float = 0.0  # |s| of the strongest new direction, × the layer's weakest |s|, against the gradient
+    budget_growth: float = 1.0  # budget policy: the budget ramps linearly to this × the initial one by stop_step
+    stop_step: int = 0  # no decisions from this step on (a final phase at fixed ranks; 0 = never stop)
 
 
 @dataclass
@@ -285,6 +289,12 @@ def validate(cfg: Config) -> Config:
     _positive("rank.interval", r.interval)
     _positive("rank.warmup_steps", r.warmup_steps, allow_zero=True)
     _positive("rank.budget_params", r.budget_params, allow_zero=True)
+    for key in ("protect", "grow_init", "stop_step"):
+        _positive(f"rank.{key}", getattr(r, key), allow_zero=True)
+    _positive("rank.budget_growth", r.budget_growth)
+    if r.budget_growth != 1.0 and r.stop_step <= r.warmup_steps:
+        raise UserError(f"rank.stop_step: a budget ramp (budget_growth {r.budget_growth}) needs stop_step > "
+                        f"rank.warmup_steps={r.warmup_steps}, got {r.stop_step}")
     if r.policy != "static" and not sp.targets:
         raise UserError(f"rank.policy: {r.policy!r} needs spectral layers, but model.spectral.targets is empty")
     if cfg.engine.kind == "deepspeed" and not cfg.engine.deepspeed_config:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from tsvd import checkpoint as ckpt
 from tsvd.cadence import Cadence
@@ -29,6 +28,7 @@ from tsvd.errors import UserError
 from tsvd.metrics import Metrics, layer_stats, memory_stats
 from tsvd.model import build_model
 from tsvd.optim import lr_multiplier
+from tsvd.progress import Progress, is_terminal, say
 from tsvd.run_lock import RunLock
 from tsvd.spectral import SpectralModule, set_ranks_for_loading, spectral_ranks
 
@@ -61,7 +61,7 @@ class _StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+        say(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
 
     def check(self) -> None:
         """At a step boundary: stop (``KeyboardInterrupt``) when a stop was requested."""
@@ -90,7 +90,7 @@ class _Run:
     """What one ``fit`` call tracks besides the model: its summary, progress and bad-step streak."""
 
     summary: TrainSummary
-    bar: tqdm
+    progress: Progress
     tokens_per_step: int
     bad_steps: int = 0
     steps_run: int = 0
@@ -206,7 +206,9 @@ class Trainer:
         if meta.is_file():
             return
         if _global_rank() == 0:
-            prepare_data(self.cfg.data, progress=progress)
+            if progress and not is_terminal():
+                say(f"preparing {self.cfg.data.dir} (no progress bars: output is not a terminal)")
+            prepare_data(self.cfg.data, progress=progress and is_terminal())
             return
         deadline = time.monotonic() + self.cfg.engine.timeout_s + DATA_WAIT_S
         while not meta.is_file():
@@ -256,8 +258,8 @@ class Trainer:
         if self.engine.is_main:
             summary.unigram_loss = unigram_loss(self.data.train, self.data.val, self.data.meta.vocab_size)
             self.metrics.scalars(self.step, {"val/unigram_loss": summary.unigram_loss})
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        return _Run(summary, bar, t.batch_size * t.seq_len * t.grad_accum)
+        progress = Progress(t.steps, initial=self.step, enabled=self.progress)
+        return _Run(summary, progress, t.batch_size * t.seq_len * t.grad_accum)
 
     def _timed_step(self, run: "_Run", micro: list, measure: bool):
         t0 = time.perf_counter()
@@ -275,8 +277,7 @@ class Trainer:
                               "re-orthonormalized (Householder QR) " + ", ".join(result.retraction.repaired))
         if not result.skipped:
             run.bad_steps = 0
-            run.bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{run.tokens_per_step / run.step_s:,.0f}")
-            run.bar.update(1)
+            run.progress.step(result.loss, run.tokens_per_step / run.step_s)
             return True
         run.bad_steps += 1
         why = result.reason or f"non-finite loss {result.loss} or grad norm {result.grad_norm}: step skipped"
@@ -294,7 +295,7 @@ class Trainer:
         try:
             yield stop
         except KeyboardInterrupt:
-            self._save_on_interrupt(stop.at_boundary, run.bar)
+            self._save_on_interrupt(stop.at_boundary)
             raise
         except RuntimeError as e:
             if self.engine.world_size > 1 and is_collective_failure(e):
@@ -306,9 +307,9 @@ class Trainer:
             raise
         finally:
             stop.restore()
-            run.bar.close()
+            run.progress.close()
 
-    def _save_on_interrupt(self, at_boundary: bool, bar) -> None:
+    def _save_on_interrupt(self, at_boundary: bool) -> None:
         """Checkpoint an interrupted run, but only at a step boundary: a state caught inside a step (an
         optimizer update applied but not yet retracted or counted, the sampler already advanced) would not
         resume exactly. Multi-process runs never save here (the ranks may stand at different points, and a
@@ -316,12 +317,12 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if not at_boundary or self.engine.world_size > 1:
             if self.engine.is_main:
-                bar.write(f"interrupted in the middle of a step: not saving; the last checkpoint is {latest}")
+                say(f"interrupted in the middle of a step: not saving; the last checkpoint is {latest}")
             return
         if latest is not None and latest.name == ckpt.step_dir_name(self.step):
             return  # already saved at this step
         if self.engine.is_main:
-            bar.write(f"interrupted at step {self.step}: saving a checkpoint")
+            say(f"interrupted at step {self.step}: saving a checkpoint")
         self.save()
 
     def _sketch(self, due: bool):
@@ -343,7 +344,7 @@ class Trainer:
         events = self.engine.apply_rank_plan(plan, sketch)
         self.metrics.rank_events(self.step, events)
         if self.engine.is_main and events:
-            tqdm.write("rank change @ step {}: {}".format(
+            say("rank change @ step {}: {}".format(
                 self.step, ", ".join(f"{e.layer} {e.old}->{e.new}" for e in events)))
 
     def _log(self, result, run: "_Run") -> None:
@@ -365,6 +366,7 @@ class Trainer:
             **memory_stats(),
         }
         self.metrics.scalars(self.step, values)
+        run.progress.line(self.step, result.loss, values["train/lr"], values["perf/tokens_per_s"])
         if spectra:
             stats = layer_stats(spectra, self.engine.retractor.cache, self.cfg.rank.energy, self.cfg.rank.tail_fraction)
             self.metrics.spectral(self.step, spectra, stats)
@@ -373,7 +375,7 @@ class Trainer:
         loss = self.engine.eval_loss(self.val)
         if self.engine.is_main:
             self.metrics.scalars(self.step, {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))})
-            tqdm.write(f"step {self.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50.0)):.2f})")
+            say(f"step {self.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50.0)):.2f})")
         return loss
 
     def save(self) -> Path:

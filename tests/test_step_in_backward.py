@@ -5,7 +5,6 @@ Tolerances as in tests/test_optim.py (same per-parameter AdamW arithmetic; 1e-6 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,19 +15,9 @@ from test_optim import TOL, backward, batch, max_ortho, spectral_model, train_cf
 from tsvd.optim import build_adamw
 from tsvd.retraction import Retractor, spectral_factors
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ is scripts, not a package
 
-
-def _load_bench_module():
-    spec = importlib.util.spec_from_file_location("step_in_backward", ROOT / "bench" / "step_in_backward.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_bench = _load_bench_module()
-StepInBackward, model_blocks = _bench.StepInBackward, _bench.model_blocks
+from step_in_backward import StepInBackward, model_blocks  # noqa: E402
 
 
 def test_step_in_backward_equals_step_after_backward():

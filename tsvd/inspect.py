@@ -8,6 +8,7 @@ from torch import nn
 
 from tsvd import checkpoint as ckpt
 from tsvd.config import Config, config_from_dict, load_config
+from tsvd.data import META_FILE as DATA_META_FILE
 from tsvd.data import read_meta as read_data_meta
 from tsvd.errors import UserError
 from tsvd.spectral import SpectralModule, set_ranks_for_loading
@@ -22,8 +23,7 @@ def _gb(n_params: int) -> str:
 def _resolve_vocab(cfg: Config) -> None:
     if cfg.model.vocab_size:
         return
-    meta = Path(cfg.data.dir) / "meta.json"
-    if not meta.is_file():
+    if not (Path(cfg.data.dir) / DATA_META_FILE).is_file():
         raise UserError("model.vocab_size: 0 means 'from the data', but data.dir has no prepared dataset; "
                         "run `tsvd prepare` or set model.vocab_size")
     cfg.model.vocab_size = read_data_meta(cfg.data.dir).vocab_size

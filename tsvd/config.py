@@ -8,6 +8,7 @@ from the command line use the same path syntax: ``--set train.lr=1e-3``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = 0  # torch threads (0 = all cores / ranks)
+    layer_cards: str = "auto"  # per-layer TensorBoard cards: all | none | every:K (blocks) | auto (≤ 8 blocks)
 
 
 @dataclass
@@ -264,6 +266,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.lazy_tol is not None:
         _positive("train.lazy_tol", t.lazy_tol)
+    if not re.fullmatch(r"all|none|auto|every:[1-9][0-9]*", t.layer_cards):
+        raise UserError(f"train.layer_cards: expected all, none, auto or every:K with K ≥ 1, got {t.layer_cards!r}")
     _positive("train.retract_every", t.retract_every)
     if t.retract_every > 1 and t.lazy_tol is not None:
         raise UserError("train.retract_every and train.lazy_tol: choose one way of skipping retractions, not both")

@@ -100,7 +100,7 @@ def poison_s(engine, enabled: bool = True, layer: str = POISONED_S):
 
             safe_get_local_fp32_param(s).data[0] = math.inf
 
-    optimizer = engine._base_optimizer() if stage else engine.optimizer
+    optimizer = engine.adam.base if stage else engine.optimizer
     handle = optimizer.register_step_post_hook(hook)
     try:
         yield

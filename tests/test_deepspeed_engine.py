@@ -269,7 +269,7 @@ def test_checkpoint_reads_back_full_parameters_without_an_engine(stage_runs):
     """``read_full_params`` (what ``tsvd export`` uses) returns, bitwise, the parameters the engine held
     when it saved — at ZeRO-3 reassembled from both ranks' fp32 partitions (odd sizes padded)."""
     from ds_worker import param_hash
-    from tsvd.engine.deepspeed_engine import read_full_params
+    from tsvd.engine.ds_checkpoint import read_full_params
 
     _, main, _ = stage_runs
     saved = event(main, "saved")
@@ -373,7 +373,7 @@ def cli_zero3_run(tmp_path_factory) -> Path:
 
 def test_cli_through_launch_script_bf16_zero3(cli_zero3_run):
     """The launched trainer learns and writes checkpoints that load with ``weights_only=True``."""
-    from tsvd.engine.deepspeed_engine import read_client_state
+    from tsvd.engine.ds_checkpoint import read_client_state
 
     run = cli_zero3_run
     summary = json.loads((run / "summary.json").read_text())
@@ -388,7 +388,7 @@ def test_export_of_a_deepspeed_run(cli_zero3_run, tmp_path):
     model's, rebuilt from the reassembled checkpoint (fp32; ATOL as in tests/test_hf.py)."""
     transformers = pytest.importorskip("transformers")
     from tsvd.cli import main
-    from tsvd.engine.deepspeed_engine import read_full_params
+    from tsvd.engine.ds_checkpoint import read_full_params
     from tsvd.hf import load_tsvd_checkpoint
 
     model, meta = load_tsvd_checkpoint(cli_zero3_run)
@@ -407,7 +407,7 @@ def test_export_of_a_deepspeed_run(cli_zero3_run, tmp_path):
 
 
 def test_assign_owners_balances_cost_deterministically():
-    from tsvd.engine.deepspeed_engine import assign_owners
+    from tsvd.engine.retraction_owners import assign_owners
 
     costs = {"a": 8, "b": 7, "c": 6, "d": 5, "e": 4}
     owners = assign_owners(costs, 2)
@@ -418,7 +418,7 @@ def test_assign_owners_balances_cost_deterministically():
 
 
 def test_skeleton_materializes_a_plain_copy_with_new_values():
-    from tsvd.engine.deepspeed_engine import materialize, meta_skeleton
+    from tsvd.engine.zero_params import materialize, meta_skeleton
 
     model = ds_common.tiny_model()
     skeleton = meta_skeleton(model)

@@ -31,9 +31,10 @@ def lm_logits(model: nn.Module, x: Tensor) -> Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (fp32) of ``lm_logits(model, x)`` against ``y`` ``(B,T)``."""
-    return F.cross_entropy(lm_logits(model, x).flatten(0, 1).float(), y.flatten())
+def lm_loss(model: nn.Module, x: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy (fp32, ``"mean"`` or ``"sum"`` over the tokens) of ``lm_logits(model, x)``
+    against ``y`` ``(B,T)``: ``TorchEngine``'s ``loss_fn`` for HF models."""
+    return F.cross_entropy(lm_logits(model, x).flatten(0, 1).float(), y.flatten(), reduction=reduction)
 
 
 def sample_batch(tokens: Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -50,7 +51,7 @@ def sample_batch(tokens: Tensor, batch_size: int, seq_len: int, generator: torch
 def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 256, max_windows: int | None = None,
                batch_size: int = 4) -> tuple[float, int]:
     """``(mean next-token loss in nats, tokens scored)`` over consecutive non-overlapping windows of
-    ``tokens`` (each window predicts ``seq_len`` tokens). Perplexity is ``exp(loss)``."""
+    ``tokens`` (each window predicts ``seq_len`` tokens, on the model's device). Perplexity is ``exp(loss)``."""
     n = (tokens.numel() - 1) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
@@ -58,12 +59,12 @@ def perplexity(model: nn.Module, tokens: Tensor, seq_len: int = 256, max_windows
         raise UserError(f"need more than {seq_len + 1} tokens for one evaluation window, got {tokens.numel()}")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in range(0, n, batch_size):
         starts = torch.arange(b, min(n, b + batch_size)) * seq_len
-        w = tokens[starts[:, None] + torch.arange(seq_len + 1)].long()
-        logits = lm_logits(model, w[:, :-1])
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum"))
+        w = tokens[starts[:, None] + torch.arange(seq_len + 1)].long().to(device)
+        total += float(lm_loss(model, w[:, :-1], w[:, 1:], reduction="sum"))
         count += w[:, 1:].numel()
     model.train(was_training)
     return total / count, count

@@ -15,10 +15,15 @@ from tsvd.errors import UserError
 EPILOG = "Docs: README.md and docs/ in the repository. Configs: configs/*.yaml."
 
 
+def _add_overrides(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value (repeatable{note}), e.g. --set train.steps=100 "
+                        "--set model.spectral.rank=16")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config, e.g. configs/tiny-cpu.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.steps=100 --set model.spectral.rank=16")
+    _add_overrides(p)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -109,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(weights + gradients + two moments = 16 bytes/parameter).",
                        epilog="Examples: tsvd inspect configs/llama3-70b.yaml; tsvd inspect runs/tiny-cpu")
     p.add_argument("target", help="a YAML config, a checkpoint directory, or a run's out_dir")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (configs only)")
+    _add_overrides(p, note="; configs only")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert a Hugging Face causal LM (dir or .gguf) to spectral factors",

@@ -92,8 +92,8 @@ def run_path(args: argparse.Namespace) -> dict:
     t = cfg.train
 
     # Init runs ~1,100 small Householder QRs (random orthonormal factors). With 2 OpenMP threads on a
-    # loaded 2-core machine each QR stalls at thread barriers (0.8 s instead of 2–10 ms was measured
-    # here); one thread is as fast on a quiet machine and 10–50× faster on a busy one.
+    # loaded 2-core machine each QR stalls at thread barriers (the times are in docs/results.md, "Model
+    # init"); one thread is as fast on a quiet machine and far faster on a busy one.
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     model = build_model(cfg.model)

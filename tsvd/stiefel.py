@@ -5,11 +5,13 @@ returns ``Q`` with the same shape and orthonormal columns spanning the same spac
 upper-triangular ``R`` (positive diagonal) such that ``A = Q R``. With a positive-diagonal ``R`` the
 QR factorization is unique, so every method returns the same ``Q`` up to rounding.
 
-``orthonormalize_each`` is the one routine every caller uses (``orthonormalize`` is its stacked-tensor
-front end): Cholesky-QR from the Gram matrix (cheap: one small Cholesky and one GEMM), a second
-Cholesky pass when the input has drifted far (CholeskyQR2), and Householder QR for matrices whose Gram
-is too far from ``I`` (or not positive definite). It works matrix by matrix on a list, never stacking
-the inputs, and hands each ``Q`` to a callback in a reused scratch buffer: no full-size temporaries.
+Two routines do the work, with the same paths and fallbacks: ``orthonormalize_into`` for a stack
+``(n, m, r)`` (one batched Gram, one batched Cholesky + triangular inverse, one batched GEMM into a
+caller's buffer: the floor of the arithmetic, ``4·m·r²`` flops per matrix) and ``orthonormalize_each``
+for a list of separate same-shape matrices that must not be stacked (one Gram and one GEMM each into a
+reused scratch buffer; the small ``r×r`` work still batched). Paths per matrix, by its Gram drift: one
+Cholesky-QR pass; a second pass when it has drifted far (CholeskyQR2); Householder QR when the Gram is
+too far from ``I`` (or not positive definite). ``orthonormalize`` is the stacked-tensor front end.
 """
 
 from __future__ import annotations
@@ -74,6 +76,63 @@ def cholesky_r(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return R, torch.linalg.solve_triangular(R, eye, upper=True), info == 0
 
 
+@dataclass(frozen=True)
+class OrthoInfo:
+    """What one ``orthonormalize`` call saw and did, per batch element.
+
+    ``drift`` is ``‖AᵀA − I‖_F`` of the input (the cached Gram's distance from the manifold);
+    ``householder`` marks the elements that fell back to Householder QR.
+    """
+
+    drift: Tensor
+    householder: Tensor
+
+
+def _paths(G: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(drift, R⁻¹, fallback, refine)`` for a stack of Grams ``(n, r, r)``: ``fallback`` marks the
+    matrices for Householder QR (Cholesky failed, drift above ``MAX_CHOLESKY_DRIFT`` or not finite),
+    ``refine`` those for a second Cholesky pass (drift above ``REFINE_DRIFT``, not falling back)."""
+    d = drift(G)
+    _, R_inv, ok = cholesky_r(G)
+    fallback = ~ok | ~(d <= MAX_CHOLESKY_DRIFT)  # `~(d <= …)` is also True for a NaN drift
+    return d, R_inv, fallback, (d > REFINE_DRIFT) & ~fallback
+
+
+def _second_pass(Q: Tensor, out: Tensor) -> bool:
+    """CholeskyQR2's second pass on the nearly orthonormal first result ``Q (m, r)``, into ``out``
+    (which must not overlap ``Q``); False (``out`` untouched) when its Cholesky fails."""
+    _, R2_inv, ok = cholesky_r(gram(Q))
+    if not bool(ok):
+        return False
+    torch.mm(Q, R2_inv, out=out)
+    return True
+
+
+def orthonormalize_into(A: Tensor, out: Tensor, G: Tensor | None = None) -> OrthoInfo:
+    """``out[i] = Q`` of ``A[i]`` for a stack ``A (n, m, r)`` (``m ≥ r``); ``out`` has ``A``'s shape and
+    dtype, is contiguous and must not overlap ``A`` (which is left unchanged).
+
+    One batched Gram (``G``, ``(n, r, r)``, may be passed when already known), one batched Cholesky and
+    triangular inverse, one batched GEMM ``A R⁻¹`` into ``out``: ``4·m·r²`` flops per matrix and no
+    other full-size work. The rare matrices that need CholeskyQR2 or Householder QR (see
+    ``orthonormalize_each`` for the thresholds) are then redone one at a time.
+    """
+    if G is None:
+        G = gram(A)
+    d, R_inv, fallback, refine = _paths(G)
+    torch.matmul(A, R_inv, out=out)
+    if bool((fallback | refine).any()):
+        scratch = torch.empty_like(out[0])
+        for i in refine.nonzero().flatten().tolist():
+            if _second_pass(out[i], scratch):
+                out[i].copy_(scratch)
+            else:
+                fallback[i] = True
+        for i in fallback.nonzero().flatten().tolist():
+            out[i].copy_(householder_qr(A[i])[0])
+    return OrthoInfo(drift=d, householder=fallback)
+
+
 def _cholesky_pass(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One Cholesky-QR pass given ``G = AᵀA``: returns ``(Q, R, ok)``."""
     R, R_inv, ok = cholesky_r(G)
@@ -94,18 +153,6 @@ def cholesky_qr(A: Tensor, G: Tensor | None = None) -> tuple[Tensor, Tensor, Ten
         Q, R2, ok2 = _cholesky_pass(Q, gram(Q))
         R, ok = R2 @ R, ok & ok2
     return Q, R, ok
-
-
-@dataclass(frozen=True)
-class OrthoInfo:
-    """What one ``orthonormalize`` call saw and did, per batch element.
-
-    ``drift`` is ``‖AᵀA − I‖_F`` of the input (the cached Gram's distance from the manifold);
-    ``householder`` marks the elements that fell back to Householder QR.
-    """
-
-    drift: Tensor
-    householder: Tensor
 
 
 def orthonormalize_each(
@@ -141,28 +188,25 @@ def orthonormalize_each(
         G = A0.new_empty(len(As), A0.shape[1], A0.shape[1])
         for A, Gi in zip(As, G.unbind(0)):
             gram(A, out=Gi)
-    d = drift(G)
     if method == "householder":
         for i, A in enumerate(As):
             write(i, householder_qr(A)[0])
+        d = drift(G)
         return OrthoInfo(drift=d, householder=torch.ones_like(d, dtype=torch.bool))
-    _, R_inv, ok = cholesky_r(G)
-    fallback = ~ok | ~(d <= MAX_CHOLESKY_DRIFT)  # `~(d <= …)` is also True for a NaN drift
-    refine = d > REFINE_DRIFT
+    d, R_inv, fallback, refine = _paths(G)
     buf = torch.empty_like(A0, memory_format=torch.contiguous_format)
-    buf2 = torch.empty_like(buf) if bool((refine & ~fallback).any()) else None
+    buf2 = torch.empty_like(buf) if bool(refine.any()) else None
     for i, (A, Ri, fb, rf) in enumerate(zip(As, R_inv.unbind(0), fallback.tolist(), refine.tolist())):
         if fb:
             write(i, householder_qr(A)[0])
             continue
         Q = torch.mm(A, Ri, out=buf)
-        if rf:  # CholeskyQR2: a second pass on the nearly orthonormal first result
-            _, R2_inv, ok2 = cholesky_r(gram(Q))
-            if not bool(ok2):
+        if rf:
+            if not _second_pass(Q, buf2):
                 fallback[i] = True
                 write(i, householder_qr(A)[0])
                 continue
-            Q = torch.mm(Q, R2_inv, out=buf2)
+            Q = buf2
         write(i, Q)
     return OrthoInfo(drift=d, householder=fallback)
 
@@ -174,8 +218,7 @@ def orthonormalize(
 
     ``A`` is one matrix ``(m, r)`` or a stack ``(..., m, r)``; ``G`` its Gram(s) if already known.
     ``method="householder"`` is SCT's QR + sign correction for every matrix. ``method="cholesky"``
-    uses Cholesky-QR(2) and falls back to Householder per matrix (see ``orthonormalize_each``, which
-    does the work).
+    uses batched Cholesky-QR(2) (``orthonormalize_into``) and falls back to Householder per matrix.
     """
     if method not in METHODS:
         raise ValueError(f"unknown retraction method {method!r}; expected one of {METHODS}")
@@ -184,7 +227,10 @@ def orthonormalize(
     m, r = A.shape[-2:]
     batch = A.shape[:-2]
     flat = A.reshape(-1, m, r)
+    Gs = None if G is None else G.reshape(-1, r, r)
     Q = torch.empty(flat.shape, dtype=A.dtype, device=A.device)
-    info = orthonormalize_each(list(flat.unbind(0)), method, None if G is None else G.reshape(-1, r, r),
-                               lambda i, Qi: Q[i].copy_(Qi))
+    if method == "householder":
+        info = orthonormalize_each(list(flat.unbind(0)), method, Gs, lambda i, Qi: Q[i].copy_(Qi))
+    else:
+        info = orthonormalize_into(flat, Q, Gs)
     return Q.reshape(A.shape), OrthoInfo(drift=info.drift.reshape(batch), householder=info.householder.reshape(batch))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tsvd.config import RankConfig
-from tsvd.controller import RankChange, RankController, RankPlan, allocate_budget, energy_target
+from tsvd.controller import RankChange, RankController, RankPlan, allocate_budget, energy_target, kept_columns, ramp
 from tsvd.errors import UserError
 from tsvd.spectrum import energy_shares, kept_tail_shares, tail_count, tail_share
 
@@ -118,6 +118,57 @@ def test_no_shrink_right_after_growth_and_exact_resume():
     assert [c2.plan(200, seq[1]).ranks, c2.plan(300, seq[2]).ranks] == [plans[1].ranks, plans[2].ranks]
 
 
+def test_protected_directions_are_kept_and_judged_later():
+    """protect=1: directions added at a decision cannot be dropped at the next one (the policy judges the
+    other columns, and the layer may not grow meanwhile); one interval later they are judged like the rest."""
+    cfg = energy_cfg(max_shrink=0.9, protect=1)
+    c = RankController(cfg, {"a": (128, 96)})
+    assert c.plan(100, {"a": FLAT}).ranks == {"a": 30}
+    assert c.born["a"] == [0] * 20 + [100] * 10
+    # next decision: the 20 old directions now decay (GEOM), the 10 new ones are still small: the old
+    # ones shrink by the energy rule (to 5, as test_energy_shrink_bounded_by_max_shrink_and_min_rank),
+    # every new one is kept although it is weaker than all of them, and there is no further growth
+    s = torch.cat([GEOM, torch.full((10,), 1e-3)])
+    plan = c.plan(200, {"a": s})
+    assert plan.ranks == {"a": 15} and plan.keep == {"a": list(range(5)) + list(range(20, 30))}
+    assert c.born["a"] == [0] * 5 + [100] * 10
+    # a decision later (no longer protected) the idle new directions are dropped like any weak direction
+    plan = c.plan(300, {"a": torch.cat([GEOM[:5], torch.full((10,), 1e-3)])})
+    assert plan.ranks["a"] < 15 and plan.keep["a"] == list(range(plan.ranks["a"]))
+    # state (with the columns' birth steps) survives a JSON round trip: identical decisions after resume
+    c1 = RankController(cfg, {"a": (128, 96)})
+    c1.plan(100, {"a": FLAT})
+    c2 = RankController(cfg, {"a": (128, 96)})
+    c2.load_state_dict(json.loads(json.dumps(c1.state_dict())))
+    assert c2.plan(200, {"a": s}).to_dict() == RankController.plan(c1, 200, {"a": s}).to_dict()
+
+
+def test_kept_columns_match_truncation_without_protection():
+    s = torch.tensor([0.3, -2.0, 0.3, 1.0, 0.0, -0.3])
+    none = torch.zeros(6, dtype=torch.bool)
+    assert kept_columns(s, none, 3) == [0, 1, 3]  # ties (|0.3| ×3) broken by position, as truncate_
+    assert kept_columns(s, torch.tensor([False, False, False, False, True, False]), 3) == [1, 3, 4]
+
+
+def test_stop_step_and_budget_ramp():
+    cfg = budget_cfg(warmup_steps=100, interval=100, stop_step=1000, budget_growth=2.0)
+    c = RankController(cfg, {"a": (64, 64)})
+    assert [s for s in range(0, 1600) if c.due(s)] == list(range(100, 1000, 100))
+    # ×1 at the first decision, ×2 at the last one (900), linear in between
+    assert [ramp(s, cfg) for s in (100, 500, 900, 1000)] == [1.0, 1.5, 2.0, 2.0]
+    assert ramp(500, budget_cfg()) == 1.0
+    # the allocation follows the ramp: a flat layer of rank 8 may grow by 1.5× per decision
+    layers = {"a": (64, 64), "b": (64, 64)}
+    c = RankController(cfg, layers)
+    def total(plan, spectra):
+        return sum(plan.ranks.get(n, s.numel()) for n, s in spectra.items())
+
+    first = {"a": torch.ones(8), "b": torch.ones(8)}
+    assert total(c.plan(100, first), first) == 16  # budget = the initial count
+    later = {"a": torch.ones(10), "b": torch.ones(10)}  # (no columns protected: protect = 0)
+    assert total(c.plan(500, later), later) == 24  # 1.5 × 16 directions
+
+
 def test_unknown_layer_in_spectra():
     with pytest.raises(ValueError, match="does not know"):
         RankController(energy_cfg(), {"a": (8, 8)}).plan(100, {"b": torch.ones(4)})
@@ -187,10 +238,14 @@ def test_allocate_budget_prefers_cheap_parameters():
 def test_plan_and_change_round_trip_json():
     plan = RankPlan(step=300, ranks={"layers.0.mlp.up": 48}, before={"layers.0.mlp.up": 32})
     assert RankPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    plan = RankPlan(step=300, ranks={"a": 4}, before={"a": 8}, keep={"a": [0, 2, 5, 7]}, grow_init=0.5)
+    assert RankPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert RankPlan.from_dict({"step": 1, "ranks": {}}) == RankPlan(1, {})  # plans written before keep/grow_init
     change = RankChange("layers.0.mlp.up", 32, 48, 1.5, 1.5)
     assert json.loads(json.dumps(change.to_dict())) == {"layer": "layers.0.mlp.up", "old": 32, "new": 48,
                                                          "energy_before": 1.5, "energy_after": 1.5}
-    for bad in ({"ranks": {}}, {"step": 1, "ranks": {"a": "32"}}, {"step": True, "ranks": {}}, [1]):
+    for bad in ({"ranks": {}}, {"step": 1, "ranks": {"a": "32"}}, {"step": True, "ranks": {}}, [1],
+                {"step": 1, "ranks": {}, "keep": {"a": [0.5]}}, {"step": 1, "ranks": {}, "grow_init": "x"}):
         with pytest.raises(UserError):
             RankPlan.from_dict(bad)
 

@@ -243,3 +243,22 @@ def test_never_forms_an_in_by_out_tensor():
     assert tracer.count > 50  # the tracer did see the work
     assert tracer.largest < m * n // 4  # largest: T×n activations and n×ℓ' sketches
     assert ortho_to(U_new, model[0].U) < 1e-5 and ortho_to(V_new, model[0].V) < 1e-5
+
+
+def test_pairs_gain_is_the_new_directions_core_gradient():
+    """``pairs`` returns, per new pair, ``uᵢᵀ G vᵢ`` — the gradient a new ``sᵢ`` would get — with the sign
+    of the pair as returned (checked against autograd after growing the layer at s = 0)."""
+    model = layer_model()
+    x, W = decaying_problem()
+    with GradientSketch(model, width=K, generator=torch.Generator().manual_seed(2)) as sketch:
+        loss_of(model, x, W)[1].backward()  # (no graph kept alive: it would pin the factors' old shapes)
+    model.zero_grad()
+    U_new, V_new, gain = sketch.pairs("0", K + 4)
+    assert gain.shape == (K + 4,) and gain[K + 4 - 4:].abs().max() <= gain[:K].abs().max()
+    model[0].grow_(U_new, V_new)
+    _, loss = loss_of(model, x, W)
+    loss.backward()
+    true = model[0].s.grad[R:]
+    top = true[:K].abs().max()
+    assert torch.allclose(gain[:K], true[:K], atol=1e-3 * float(top))  # sketched pairs: the exact gradient
+    assert torch.equal(sketch.directions("0", K)[0], sketch.pairs("0", K)[0])

@@ -27,7 +27,7 @@ from tsvd.retraction import retract_
 from tsvd.sketch import GradientSketch
 from tsvd.spectral import SpectralLinear
 from tsvd.stiefel import orthonormality_error
-from tsvd.surgery import apply_plan
+from tsvd.surgery import apply_plan, grow_values
 
 VOCAB, DIM = 64, 48
 
@@ -138,6 +138,51 @@ def test_optimizer_state_follows_the_columns(fused):
     retract_(model)
     assert model.b.s[12:].detach().abs().min() > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grow_values():
+    s = torch.tensor([2.0, -0.5, 1.0])
+    gain = torch.tensor([0.4, -0.2, 0.0])
+    assert grow_values(gain, s, 0.5).tolist() == pytest.approx([-0.25, 0.125, 0.0], rel=1e-6)
+    assert grow_values(gain, s, 0.0).abs().sum() == 0  # off
+    assert grow_values(torch.zeros(3), s, 0.5).abs().sum() == 0  # no gradient (random directions)
+    assert grow_values(gain, torch.zeros(0), 0.5).abs().sum() == 0  # no direction to scale by
+
+
+def test_grown_directions_start_against_the_gradient():
+    """``grow_init``: new ``s`` one step against the sketched core gradient — the loss on the sketched
+    batch drops; the strongest new ``|s|`` is ``grow_init ×`` the layer's weakest old one."""
+    model, opt = trained(fused=True)
+    x, y = batch(99)
+    with GradientSketch(model, generator=torch.Generator().manual_seed(1)) as sketch:
+        model(x, y)[1].backward()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        loss0 = float(model(x, y)[1])
+    weakest = float(model.a.s.detach().abs().min())
+    changes = apply_plan(model, opt, RankPlan(10, {"a": 16}, grow_init=0.05), sketch)
+    with torch.no_grad():
+        loss1 = float(model(x, y)[1])
+    new = model.a.s.detach()[12:]
+    assert float(new.abs().max()) == pytest.approx(0.05 * weakest, rel=1e-5)
+    assert loss1 < loss0
+    assert changes[0].energy_after > changes[0].energy_before
+    # random growth has no gradient to follow: s = 0
+    apply_plan(model, opt, RankPlan(11, {"b": 14}, grow_init=0.05))
+    assert model.b.s.detach()[12:].abs().sum() == 0
+
+
+def test_shrink_keeps_the_planned_columns():
+    model, opt = trained(fused=True)
+    s = model.a.s.detach().clone()
+    exp_avg = opt.state[model.a.s]["exp_avg"].clone()
+    keep = [0, 3, 4, 11]  # not the largest |s|: e.g. protected columns
+    apply_plan(model, opt, RankPlan(10, {"a": 4}, keep={"a": keep}))
+    assert torch.equal(model.a.s.detach(), s[keep])
+    assert torch.equal(opt.state[model.a.s]["exp_avg"], exp_avg[keep])
+    for bad in ([0, 3, 4], [3, 0, 4, 11], [0, 3, 4, 12], [0, 0, 3, 4]):
+        with pytest.raises(UserError, match="keeps columns"):
+            apply_plan(model, opt, RankPlan(11, {"a": 3 if len(bad) == 4 else 2}, keep={"a": bad}))
 
 
 def test_memory_follows_the_rank():

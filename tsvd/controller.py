@@ -5,6 +5,11 @@ The math lives in pure functions (``energy_target``, ``allocate_budget``, ``guar
 a one-decision memory of which layers just grew. It returns a ``RankPlan`` (what to change); applying
 it is ``tsvd.surgery``'s job (or an engine's ``apply_rank_plan``). See docs/adaptive-rank.md.
 
+New directions can be *protected* (``rank.protect``): the controller remembers the step each column of
+every layer was added (``born``, mirrored through every plan it returns: kept columns in order, new
+ones appended), excludes protected columns from the policy's judgement, keeps them through shrinks
+(``RankPlan.keep`` names the kept columns) and lets no layer grow again while it still holds some.
+
 Conventions: a layer's rank is ``r = len(s)``; ``rows = (rows of U, rows of V)`` so ``min(rows)`` is
 the largest possible rank; one direction costs ``rows[0] + rows[1] + 1`` parameters (a column of
 ``U``, a column of ``V``, one entry of ``s``).
@@ -16,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
 from tsvd.config import RankConfig
@@ -42,14 +48,19 @@ class RankChange:
 class RankPlan:
     """The decision taken at ``step``: ``ranks`` maps every layer that changes to its new rank;
     ``before`` records the ranks it was decided from (so a replay can check it applies to the same
-    model state). JSON round trip: ``RankPlan.from_dict(json.loads(json.dumps(plan.to_dict())))``."""
+    model state); ``keep`` the columns a shrinking layer keeps, ascending (absent: its largest ``|s|``);
+    ``grow_init``: new directions start at ``s ≠ 0`` (see ``tsvd.surgery.apply_plan``). JSON round trip:
+    ``RankPlan.from_dict(json.loads(json.dumps(plan.to_dict())))``."""
 
     step: int
     ranks: dict[str, int]
     before: dict[str, int] = field(default_factory=dict)
+    keep: dict[str, list[int]] = field(default_factory=dict)
+    grow_init: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "ranks": dict(self.ranks), "before": dict(self.before)}
+        return {"step": self.step, "ranks": dict(self.ranks), "before": dict(self.before),
+                "keep": {k: list(v) for k, v in self.keep.items()}, "grow_init": self.grow_init}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RankPlan":
@@ -62,7 +73,16 @@ class RankPlan:
 
         if not isinstance(d, Mapping) or isinstance(d.get("step"), bool) or not isinstance(d.get("step"), int):
             raise UserError(f"rank plan: expected a mapping with an integer 'step', got {d!r}")
-        return cls(step=d["step"], ranks=ranks("ranks"), before=ranks("before"))
+        keep = d.get("keep", {})
+        if not isinstance(keep, Mapping) or not all(
+                isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                for v in keep.values()):
+            raise UserError(f"rank plan: 'keep' must map layer names to lists of column indices, got {keep!r}")
+        init = d.get("grow_init", 0.0)
+        if isinstance(init, bool) or not isinstance(init, (int, float)):
+            raise UserError(f"rank plan: 'grow_init' must be a number, got {init!r}")
+        return cls(step=d["step"], ranks=ranks("ranks"), before=ranks("before"),
+                   keep={k: list(v) for k, v in keep.items()}, grow_init=float(init))
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +155,24 @@ def allocate_budget(shares: Mapping[str, Tensor], cost: Mapping[str, int], low: 
     return ranks
 
 
+def kept_columns(s: Tensor, protected: Tensor, k: int) -> list[int]:
+    """The ``k`` columns a shrink keeps: every protected one, then the largest-``|s|`` others (stable
+    order on ties, as ``SpectralModule.truncate_``), ascending."""
+    free = (~protected).nonzero().flatten()
+    order = free[torch.argsort(s[free].abs(), descending=True, stable=True)]
+    chosen = torch.cat([protected.nonzero().flatten(), order[: k - int(protected.sum())]])
+    return sorted(int(i) for i in chosen)
+
+
+def ramp(step: int, cfg: RankConfig) -> float:
+    """Budget multiplier at ``step``: 1 at the first decision, ``budget_growth`` at the last one before
+    ``stop_step``, linear in between (``budget_growth == 1``: always 1)."""
+    if cfg.budget_growth == 1.0:
+        return 1.0
+    span = max(1, cfg.stop_step - cfg.warmup_steps - 1) // cfg.interval * cfg.interval
+    return 1.0 + (cfg.budget_growth - 1.0) * min(1.0, max(0.0, (step - cfg.warmup_steps) / max(span, 1)))
+
+
 def guard(rank: int, target: int, cfg: RankConfig, just_grew: bool) -> int:
     """Guardrails on a proposed rank: hysteresis (ignore ``|Δ| < hysteresis·r``) and no shrink right
     after a growth (new directions start at ``s = 0`` and get one interval to earn energy)."""
@@ -159,10 +197,20 @@ class RankController:
         self.layers = {name: (int(rows[0]), int(rows[1])) for name, rows in layers.items()}
         self.budget: int | None = cfg.budget_params or None  # resolved at the first plan when 0
         self.last_growth: dict[str, int] = {}  # layer -> step of its last planned growth
+        self.born: dict[str, list[int]] = {}  # layer -> step each column was added (0: from the start)
 
     def due(self, step: int) -> bool:
         c = self.cfg
-        return c.policy != "static" and step > 0 and step >= c.warmup_steps and (step - c.warmup_steps) % c.interval == 0
+        return (c.policy != "static" and step > 0 and step >= c.warmup_steps and (step - c.warmup_steps) % c.interval == 0
+                and (c.stop_step == 0 or step < c.stop_step))
+
+    def protected(self, name: str, step: int, rank: int) -> Tensor:
+        """Bool mask over the layer's ``rank`` columns: added less than ``protect`` decisions ago."""
+        born = self.born.get(name)
+        if born is None or len(born) != rank:  # unknown (first decision, or a model resized elsewhere): none
+            return torch.zeros(rank, dtype=torch.bool)
+        horizon = self.cfg.protect * self.cfg.interval
+        return torch.tensor([b > 0 and step - b <= horizon for b in born], dtype=torch.bool)
 
     def cost(self, layer: str) -> int:
         """Parameters one direction of ``layer`` costs: a column of ``U`` and of ``V``, one ``s``."""
@@ -182,7 +230,15 @@ class RankController:
         ranks = {name: s.numel() for name, s in spectra.items()}
         planned = {n: new for n, new in self._targets(step, spectra).items() if new != ranks[n]}
         self.last_growth.update({n: step for n, new in planned.items() if new > ranks[n]})
-        return RankPlan(step, planned, {n: ranks[n] for n in planned})
+        keep = {}
+        for n, r in ranks.items():
+            born = self.born.get(n) if len(self.born.get(n, [])) == r else [0] * r
+            new = planned.get(n, r)
+            if new < r:
+                keep[n] = kept_columns(spectra[n].detach().float().cpu(), self.protected(n, step, r), new)
+                born = [born[i] for i in keep[n]]
+            self.born[n] = born + [step] * max(0, new - r)
+        return RankPlan(step, planned, {n: ranks[n] for n in planned}, keep, self.cfg.grow_init)
 
     def _targets(self, step: int, spectra: Mapping[str, Tensor]) -> dict[str, int]:
         """Every layer's next rank under the policy and the guardrails (reads state, changes none but
@@ -191,32 +247,49 @@ class RankController:
         if unknown:
             raise ValueError(f"spectra for layers the controller does not know: {unknown}")
         ranks = {name: s.numel() for name, s in spectra.items()}
-        just_grew = {name: step - self.last_growth.get(name, -math.inf) <= self.cfg.interval for name in ranks}
+        # Legacy guard (protect = 0): a layer that just grew may not shrink. With protection, the new
+        # columns are set aside instead: the policy judges the others, and the layer may not grow again.
+        legacy = self.cfg.protect == 0
+        just_grew = {name: legacy and step - self.last_growth.get(name, -math.inf) <= self.cfg.interval
+                     for name in ranks}
+        mask = {name: self.protected(name, step, r) for name, r in ranks.items()}
+        free = {name: s.detach().float().cpu()[~mask[name]] for name, s in spectra.items()}
+        held = {name: int(m.sum()) for name, m in mask.items()}
         if self.cfg.policy == "energy":
-            targets = {name: energy_target(s, self.cfg, self.layers[name]) for name, s in spectra.items()}
+            targets = {}
+            for name, s in free.items():
+                t = energy_target(s, self.cfg, self.layers[name])
+                targets[name] = min(t, s.numel()) + held[name] if held[name] else t
         elif self.cfg.policy == "budget":
-            targets = self._budget_targets(spectra, just_grew)
+            targets = self._budget_targets(step, free, held, just_grew)
         else:
             targets = dict(ranks)
         return {name: guard(r, targets[name], self.cfg, just_grew[name]) for name, r in ranks.items()}
 
-    def _budget_targets(self, spectra: Mapping[str, Tensor], just_grew: Mapping[str, bool]) -> dict[str, int]:
-        """Allocation under the guardrails: a layer that may not shrink now has its current rank as floor."""
-        names = list(spectra)
+    def _budget_targets(self, step: int, free: Mapping[str, Tensor], held: Mapping[str, int],
+                        just_grew: Mapping[str, bool]) -> dict[str, int]:
+        """Allocation under the guardrails over the unprotected columns ``free``; the ``held`` protected
+        columns are paid first. A layer that may not shrink now has its current rank as floor; one with
+        protected columns may not grow."""
+        names = list(free)
         if self.budget is None:
-            self.budget = sum(spectra[n].numel() * self.cost(n) for n in names)
+            self.budget = sum((free[n].numel() + held[n]) * self.cost(n) for n in names)
         low, high = {}, {}
         for n in names:
-            r = spectra[n].numel()
+            r, h = free[n].numel() + held[n], held[n]
             lowest, highest = rank_bounds(self.cfg, self.layers[n])
-            low[n] = r if just_grew[n] else shrink_floor(r, self.cfg, lowest)
-            high[n] = max(low[n], min(highest, growth_ceiling(r, self.cfg, highest)))
-        shares = {n: energy_shares(spectra[n]) for n in names}
-        return allocate_budget(shares, {n: self.cost(n) for n in names}, low, high, self.budget)
+            low[n] = r - h if just_grew[n] else max(0, shrink_floor(r, self.cfg, lowest) - h)
+            high[n] = r - h if h else max(low[n], min(highest, growth_ceiling(r, self.cfg, highest)))
+        shares = {n: energy_shares(free[n]) for n in names}
+        budget = int(self.budget * ramp(step, self.cfg)) - sum(held[n] * self.cost(n) for n in names)
+        ranks = allocate_budget(shares, {n: self.cost(n) for n in names}, low, high, budget)
+        return {n: ranks[n] + held[n] for n in names}
 
     def state_dict(self) -> dict:
-        return {"budget": self.budget, "last_growth": dict(self.last_growth)}
+        return {"budget": self.budget, "last_growth": dict(self.last_growth),
+                "born": {k: list(v) for k, v in self.born.items()}}
 
     def load_state_dict(self, d: Mapping) -> None:
         self.budget = d["budget"]
         self.last_growth = {str(k): int(v) for k, v in d["last_growth"].items()}
+        self.born = {str(k): [int(b) for b in v] for k, v in d.get("born", {}).items()}

@@ -191,6 +191,14 @@ class GradientSketch:
     def directions(self, layer: str, k: int) -> tuple[Tensor, Tensor]:
         """``(U_new (m×k), V_new (n×k))``, float32, orthonormal, orthogonal to the layer's *current*
         ``U``, ``V``; column ``i`` of both is one pair, strongest sketched gradient pairs first."""
+        U_new, V_new, _ = self.pairs(layer, k)
+        return U_new, V_new
+
+    @torch.no_grad()
+    def pairs(self, layer: str, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``directions`` and each pair's core gradient ``gᵢ ≈ uᵢᵀ G vᵢ`` (``k``, float32): the sketched
+        singular value, signed for the pair as returned, 0 for a random completion. A new ``sᵢ`` moved
+        against ``gᵢ`` lowers the loss to first order."""
         if layer not in self.modules:
             raise ValueError(f"GradientSketch.directions: {layer!r} is not a spectral layer of this model")
         mod = self.modules[layer]
@@ -198,10 +206,14 @@ class GradientSketch:
         if not 1 <= k <= min(U.shape[0], V.shape[0]) - U.shape[1]:
             raise ValueError(f"cannot add {k} directions to {layer} (rank {U.shape[1]}, factors "
                              f"{tuple(U.shape)}, {tuple(V.shape)})")
-        u, v = U.new_zeros(U.shape[0], 0), V.new_zeros(V.shape[0], 0)
+        u, v, sigma = U.new_zeros(U.shape[0], 0), V.new_zeros(V.shape[0], 0), U.new_zeros(0)
         sk = self.sketches.get(layer)
         if sk is not None and sk.usable():
             u, sigma, v = sketch_svd(sk.Y, sk.Z, sk.psi, U, V)
             j = min(k, int((sigma > RANK_TOL * sigma[0]).sum()))
-            u, v = u[:, :j], v[:, :j]
-        return complete_basis(u, U, k, self.generator), complete_basis(v, V, k, self.generator)
+            u, v, sigma = u[:, :j], v[:, :j], sigma[:j]
+        U_new, V_new = complete_basis(u, U, k, self.generator), complete_basis(v, V, k, self.generator)
+        j = sigma.numel()
+        # re-orthonormalization may flip a column's sign: the pair's gradient flips with the product of the two
+        sign = torch.sign((U_new[:, :j] * u).sum(0)) * torch.sign((V_new[:, :j] * v).sum(0))
+        return U_new, V_new, torch.cat([sigma * sign, sigma.new_zeros(k - j)])

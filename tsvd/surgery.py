@@ -1,9 +1,11 @@
 """Apply a ``RankPlan``: resize spectral layers and their optimizer state, in place.
 
-Shrink keeps the largest-``|s|`` directions (``SpectralModule.truncate_``): ``W`` changes by exactly the
-dropped energy. Growth appends directions orthonormal to the kept ones with ``s = 0``
-(``SpectralModule.grow_``): ``W`` and the loss are unchanged at that moment. Directions come from a
-``GradientSketch`` when given, else random.
+Shrink keeps the columns the plan names (``plan.keep``; by default the largest-``|s|`` directions,
+``SpectralModule.truncate_``): ``W`` changes by exactly the dropped energy. Growth appends directions
+orthonormal to the kept ones (``SpectralModule.grow_``) with ``s = 0`` — ``W`` and the loss are unchanged
+at that moment — or, with ``plan.grow_init > 0`` and a sketch, with ``s`` one step against each new
+pair's sketched core gradient (``grow_values``). Directions come from a ``GradientSketch`` when given,
+else random (and start at ``s = 0``: no gradient to follow).
 
 Optimizer state follows the columns: every per-element state tensor of ``U``, ``V``, ``s`` (Adam's
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD's momentum — anything shaped like its parameter)
@@ -45,6 +47,16 @@ def resize_state_(optimizer: torch.optim.Optimizer | None, params: list[nn.Param
                 state[key] = resize_columns(value, keep, grow)
 
 
+def grow_values(gain: Tensor, s: Tensor, grow_init: float) -> Tensor:
+    """Initial ``s`` of new directions from their core gradients ``gain`` (``k``): against the gradient,
+    the strongest at ``grow_init ×`` the layer's weakest current ``|s|``, the others in proportion to
+    their gradient (zeros where there is no gradient, or no current direction to scale by)."""
+    top = gain.abs().max() if gain.numel() else gain.new_zeros(())
+    if grow_init <= 0 or s.numel() == 0 or top == 0 or not torch.isfinite(top):
+        return torch.zeros_like(gain)
+    return -grow_init * s.detach().abs().min().to(gain) * gain / top
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, plan: RankPlan,
                sketch: GradientSketch | None = None, seed: int = 0) -> list[RankChange]:
@@ -72,14 +84,21 @@ def apply_plan(model: nn.Module, optimizer: torch.optim.Optimizer | None, plan: 
         shapes = [p.shape for p in params]
         before = energy(mod.s)
         if new < old:
-            keep, grow = mod.truncate_(new), 0
+            cols = plan.keep.get(name)
+            if cols is not None and (len(cols) != new or sorted(set(cols)) != list(cols) or cols[-1] >= old or cols[0] < 0):
+                raise UserError(f"rank plan (step {plan.step}): {name} keeps columns {cols}, expected {new} "
+                                f"distinct ascending indices below {old}")
+            keep, grow = mod.truncate_(torch.tensor(cols) if cols is not None else new), 0
         else:
             grow = new - old
             if sketch is not None:
-                U_new, V_new = sketch.directions(name, grow)
+                U_new, V_new, gain = sketch.pairs(name, grow)
             else:
                 U_new, V_new = random_directions(mod.U, mod.V, grow, generator)
+                gain = torch.zeros(grow)
+            s_new = grow_values(gain, mod.s, plan.grow_init)
             mod.grow_(U_new, V_new)
+            mod.s.data[old:] = s_new.to(mod.s)
             keep = torch.arange(old)
         resize_state_(optimizer, params, shapes, keep, grow)
         changes.append(RankChange(name, old, new, before, energy(mod.s)))

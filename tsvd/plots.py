@@ -1,4 +1,5 @@
-"""Rank-evolution heatmap (layers × steps) from a run's ``ranks.jsonl``.
+"""Rank-evolution heatmap (layers × steps) from a run's ``ranks.jsonl``, and the rank overview grid
+(blocks × projection types, one number per cell) that TensorBoard shows at each rank decision.
 
 ``<out_dir>/ranks.jsonl`` holds one JSON object per line, ``{"step": int, "ranks": {layer: rank}}``:
 the rank of every spectral layer at that step (the trainer writes one at every log step, and a
@@ -68,6 +69,46 @@ def rank_heatmap(history: str | Path | Iterable[Mapping], out_png: str | Path, t
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     return out_png
+
+
+GRID_ROW_IN = 0.17  # inches per grid row: 17 px at 100 dpi, room for a 7-point number at 80 blocks
+GRID_FONT_PT = 7
+
+
+def grid_figure(grid, values: Mapping[str, float], labels: Mapping[str, str], title: str, colour_label: str):
+    """A ``grid`` (``tsvd.rank_overview.LayerGrid``) as a heatmap: colour ``values[layer]`` on [0, 1],
+    the text ``labels[layer]`` written in each cell; empty cells grey. Returns a matplotlib ``Figure``."""
+    from matplotlib.figure import Figure
+
+    n, t = len(grid.rows), len(grid.types)
+    V = np.full((n, t), np.nan)
+    for layer, (i, j) in grid.cell.items():
+        V[i, j] = values[layer]
+    width, height = 0.9 + 0.6 * t + 1.1, 0.8 + GRID_ROW_IN * n  # inches: labels, cells, colour bar
+    fig = Figure(figsize=(width, height), dpi=100)
+    ax = fig.add_axes((0.9 / width, 0.15 / height, 0.6 * t / width, GRID_ROW_IN * n / height))
+    bar = fig.add_axes(((0.9 + 0.6 * t + 0.2) / width, 0.15 / height, 0.15 / width, min(3.0, GRID_ROW_IN * n) / height))
+    cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="0.85")
+    image = ax.imshow(np.ma.masked_invalid(V), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    for layer, (i, j) in grid.cell.items():
+        ax.text(j, i, labels[layer], ha="center", va="center", fontsize=GRID_FONT_PT,
+                color="white" if values[layer] < 0.55 else "black")
+    ax.set_xticks(range(t), labels=grid.types, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(n), labels=grid.rows, fontsize=GRID_FONT_PT)
+    ax.set_ylabel("block")
+    ax.set_title(title, fontsize=9, pad=18)
+    fig.colorbar(image, cax=bar, label=colour_label)
+    return fig
+
+
+def figure_rgb(fig) -> np.ndarray:
+    """The rendered figure as an ``(H, W, 3)`` uint8 array (for ``SummaryWriter.add_image``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 if __name__ == "__main__":

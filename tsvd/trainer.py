@@ -29,6 +29,7 @@ from tsvd.metrics import Metrics, layer_stats, memory_stats
 from tsvd.model import build_model
 from tsvd.optim import lr_multiplier
 from tsvd.progress import Progress, is_terminal, say
+from tsvd.rank_overview import spectral_signals
 from tsvd.run_lock import RunLock
 from tsvd.spectral import SpectralModule, set_ranks_for_loading, spectral_ranks
 
@@ -158,7 +159,11 @@ class Trainer:
         if meta is not None:
             self._check_compatible(meta)
             set_ranks_for_loading(model, meta.get("ranks", {}))
-        self.controller = self._build_controller(model)  # shapes read before ZeRO-3 partitions them
+        dims = {n: (m.U.shape[0], m.V.shape[0]) for n, m in model.named_modules() if isinstance(m, SpectralModule)}
+        factor_count = sum(m.s.numel() * (m.U.shape[0] + m.V.shape[0] + 1) for m in model.modules()
+                           if isinstance(m, SpectralModule))
+        other_params = sum(p.numel() for p in model.parameters()) - factor_count
+        self.controller = self._build_controller(dims)  # shapes read before ZeRO-3 partitions them
         self.cadence = Cadence.from_config(cfg.train, self.controller.due if self.controller else None)
         self.engine = build_engine(cfg, model)
         self.model = self.engine.model
@@ -174,7 +179,10 @@ class Trainer:
         self.progress = progress and self.engine.is_main
         if self.engine.is_main:
             self.lock.acquire()
-        self.metrics = Metrics(self.out_dir, enabled=self.engine.is_main)
+        cap = cfg.rank.max_rank if self.controller is not None else None
+        self.metrics = Metrics(self.out_dir, enabled=self.engine.is_main, dims=dims, other_params=other_params,
+                               max_ranks={n: min(m, k, cap or m) for n, (m, k) in dims.items()},
+                               layer_cards=cfg.train.layer_cards)
         if self.engine.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -217,14 +225,12 @@ class Trainer:
                                 "run `tsvd prepare` before launching")
             time.sleep(1.0)
 
-    def _build_controller(self, model: torch.nn.Module):
+    def _build_controller(self, dims: dict[str, tuple[int, int]]):
         if self.cfg.rank.policy == "static":
             return None
         from tsvd.controller import RankController
 
-        layers = {n: (m.U.shape[0], m.V.shape[0]) for n, m in model.named_modules()
-                  if isinstance(m, SpectralModule)}
-        return RankController(self.cfg.rank, layers)
+        return RankController(self.cfg.rank, dims)
 
     # ---------------------------------------------------------------- the loop
     def fit(self, stop_at: int | None = None) -> TrainSummary:
@@ -250,6 +256,7 @@ class Trainer:
                     if when.should_save(n):
                         run.summary.checkpoint = str(self.save())
                 stop.at_boundary = True
+            self._overview()
         return run.finish(self.step)
 
     def _start_run(self) -> "_Run":
@@ -259,6 +266,7 @@ class Trainer:
             summary.unigram_loss = unigram_loss(self.data.train, self.data.val, self.data.meta.vocab_size)
             self.metrics.scalars(self.step, {"val/unigram_loss": summary.unigram_loss})
         progress = Progress(t.steps, initial=self.step, enabled=self.progress)
+        self._overview()
         return _Run(summary, progress, t.batch_size * t.seq_len * t.grad_accum)
 
     def _timed_step(self, run: "_Run", micro: list, measure: bool):
@@ -338,14 +346,28 @@ class Trainer:
                               generator=torch.Generator().manual_seed(self.cfg.seed + self.step))
 
     def _change_ranks(self, sketch) -> None:
-        plan = self.controller.plan(self.step, self.engine.spectra())
-        if not plan.ranks:
-            return
-        events = self.engine.apply_rank_plan(plan, sketch)
+        spectra = self.engine.spectra()
+        plan = self.controller.plan(self.step, spectra)
+        events = self.engine.apply_rank_plan(plan, sketch) if plan.ranks else []
         self.metrics.rank_events(self.step, events)
         if self.engine.is_main and events:
-            say("rank change @ step {}: {}".format(
-                self.step, ", ".join(f"{e.layer} {e.old}->{e.new}" for e in events)))
+            say("rank change @ step {}: {}".format(self.step, ", ".join(f"{e.layer} {e.old}->{e.new}" for e in events)))
+        signals = None
+        if self.engine.is_main and events:
+            r = self.cfg.rank
+            signals = spectral_signals(self._layer_stats(spectra), r.policy, r.energy, r.grow_tail)
+            signals |= getattr(plan, "reasons", None) or {}  # the controller's own words, when it gives them
+        self._overview(events, signals)
+
+    def _overview(self, changes: list = (), signals: dict[str, str] | None = None) -> None:
+        """The rank overview in TensorBoard (``Metrics.rank_overview``); every rank calls it (spectra are
+        gathered collectively)."""
+        spectra = self.engine.spectra()
+        if self.engine.is_main and spectra:
+            self.metrics.rank_overview(self.step, spectra, self._layer_stats(spectra), changes, signals)
+
+    def _layer_stats(self, spectra: dict) -> dict[str, dict[str, float]]:
+        return layer_stats(spectra, self.engine.retractor.cache, self.cfg.rank.energy, self.cfg.rank.tail_fraction)
 
     def _log(self, result, run: "_Run") -> None:
         spectra = self.engine.spectra()
@@ -368,8 +390,7 @@ class Trainer:
         self.metrics.scalars(self.step, values)
         run.progress.line(self.step, result.loss, values["train/lr"], values["perf/tokens_per_s"])
         if spectra:
-            stats = layer_stats(spectra, self.engine.retractor.cache, self.cfg.rank.energy, self.cfg.rank.tail_fraction)
-            self.metrics.spectral(self.step, spectra, stats)
+            self.metrics.spectral(self.step, spectra, self._layer_stats(spectra))
 
     def _validate(self) -> float:
         loss = self.engine.eval_loss(self.val)

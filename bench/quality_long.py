@@ -23,9 +23,8 @@ matmul FLOPs of forward + backward ``6·tokens·(Σ_linear P_ℓ + P_head + L·T
 ``P = r·(in + out + 1)``, dense ``in·out``; ``L·T·d`` the causal attention products), plus the
 retraction of every spectral factor (Cholesky-QR: ``4·rows·r² + r³/3``), plus on decision steps the
 gradient sketch (``2·tokens·(in + out)·(ℓ + ℓ')``, ``ℓ = k + 8``, ``ℓ' = 2ℓ + 1`` for a layer grown by ``k``),
-the sketch's small SVDs and the decision itself (``≈ 10·r`` per layer, sorting and sums), and for a
-policy that reads per-step sensitivities ``4·r`` per layer and step. Norms, softmax and AdamW's
-elementwise update are left out for every arm alike.
+the sketch's small SVDs and the decision itself (``≈ 10·r`` per layer, sorting and sums). Norms,
+softmax and AdamW's elementwise update are left out for every arm alike.
 
     python bench/quality_long.py --jobs 2                 # everything (resumable; progress lines)
     python bench/quality_long.py --report-only --docs     # table and plots from finished runs
@@ -87,14 +86,29 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     spec = [f"model.spectral.targets={SPECTRAL}", f"model.spectral.rank={rank}", "model.spectral.init=scaled",
             "train.retraction=cholesky"]
     # configs/tsvd-adaptive.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank
-    shipped = sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05", "rank.tail_fraction=0.1",
-                       "rank.growth_factor=1.5", "rank.min_rank=4", "rank.max_rank=128", "rank.max_shrink=0.5",
-                       "rank.hysteresis=0.05", "rank.grow_directions=gradient"]
+    energy = sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05", "rank.tail_fraction=0.1",
+                      "rank.growth_factor=1.5", "rank.min_rank=4", "rank.max_rank=128", "rank.max_shrink=0.5",
+                      "rank.hysteresis=0.05", "rank.grow_directions=gradient"]
+    shipped = energy + ["rank.protect=1", "rank.grow_init=0.25"]
+    # start at half the rank, a budget that ramps to 2.6× by step 1000 (≈ the uniform arm's average
+    # parameters over 1520 steps), then a final phase at fixed ranks; allocation across layers by energy share
+    r0 = rank // 2
+    ramp_sched = ["rank.warmup_steps=6", "rank.interval=6", "rank.stop_step=20"] if smoke else \
+        ["rank.warmup_steps=100", "rank.interval=100", "rank.stop_step=1000"]
+    budget = [f"model.spectral.targets={SPECTRAL}", f"model.spectral.rank={r0}", "model.spectral.init=scaled",
+              "train.retraction=cholesky"] + ramp_sched + [
+        "rank.policy=budget", "rank.budget_growth=2.6", "rank.growth_factor=1.5", "rank.min_rank=4",
+        f"rank.max_rank={3 * rank}", "rank.max_shrink=0.25", "rank.hysteresis=0.05", "rank.protect=1",
+        "rank.grow_init=0.25", "rank.grow_directions=gradient"]
     out = [
         Arm("dense", "dense", [], lrs, spectral=False),
         Arm("uniform", f"uniform static rank {rank} (SCT mode, scaled init)", spec + ["rank.policy=static"], lrs),
-        Arm("adaptive", "adaptive: configs/tsvd-adaptive.yaml policy (energy), core_lr 10×lr",
-            spec + shipped, lrs, core_ratio=10.0),
+        Arm("adaptive", "adaptive: configs/tsvd-adaptive.yaml (energy policy, protect 1, grow_init 0.25), "
+            "core_lr 10×lr", spec + shipped, lrs, core_ratio=10.0),
+        Arm("budget-ramp", f"budget: rank {r0} → budget ramp ×2.6 until step {ramp_sched[2].split('=')[1]}, "
+            "protect 1, grow_init 0.25", budget, lrs),
+        Arm("adaptive-legacy", "adaptive as shipped before issue 14 (energy, no protection, s = 0 growth), "
+            "core_lr 10×lr", spec + energy, lrs, core_ratio=10.0),
     ]
     return out, common, sweep_steps
 
@@ -110,6 +124,22 @@ def lr_overrides(arm: Arm, lr: float) -> list[str]:
 
 def is_done(rdir: Path, test: bool) -> bool:
     return (rdir / "summary.json").is_file() and (not test or (rdir / "test.json").is_file())
+
+
+def busy(rdir: Path) -> bool:
+    """Whether another process (e.g. an earlier invocation of this benchmark) is training in ``rdir``."""
+    from tsvd.errors import UserError
+    from tsvd.run_lock import RunLock
+
+    if not rdir.is_dir():
+        return False
+    lock = RunLock(rdir)
+    try:
+        lock.acquire()
+    except UserError:
+        return True
+    lock.release()
+    return False
 
 
 def best_lr(out: Path, arm: Arm) -> float | None:
@@ -167,17 +197,14 @@ def run_all(all_arms: list[Arm], seeds: list[int], common: list[str], sweep_step
     last_status = time.time()
 
     def pending() -> list[Job]:
-        """Unstarted, unfinished jobs in priority order: per arm its sweep then its first seed, then the
-        other seeds; a main run is listed once its arm's sweep has a winner."""
-        todo = []
-        for arm in all_arms:
-            for lr in arm.lrs:
-                todo.append(Job(f"sweep/{arm.name}-lr{lr:g}", arm, arm.overrides + lr_overrides(arm, lr) +
-                                [f"train.steps={sweep_steps}", "seed=0"], False))
-            todo += main_jobs(arm, seeds[:1])
-        for arm in all_arms:
-            todo += main_jobs(arm, seeds[1:])
-        return [j for j in todo if j.name not in started and not is_done(out / j.name, j.test)]
+        """Unstarted, unfinished jobs not running elsewhere, in priority order: every sweep (a short-horizon
+        comparison of all arms), then the first seed of every arm, then the other seeds; a main run is
+        listed once its arm's sweep has a winner."""
+        todo = [Job(f"sweep/{arm.name}-lr{lr:g}", arm, arm.overrides + lr_overrides(arm, lr) +
+                    [f"train.steps={sweep_steps}", "seed=0"], False) for arm in all_arms for lr in arm.lrs]
+        for seed in seeds:
+            todo += [j for arm in all_arms for j in main_jobs(arm, [seed])]
+        return [j for j in todo if j.name not in started and not is_done(out / j.name, j.test) and not busy(out / j.name)]
 
     def main_jobs(arm: Arm, which: list[int]) -> list[Job]:
         lr = best_lr(out, arm)
@@ -233,7 +260,8 @@ def prepare(common: list[str], data_dir: Path | None) -> None:
 
 
 def evaluate(rdir: Path, n_batches: int = 0) -> dict:
-    """Loss of a run's final checkpoint on the test split and on as many training windows (``test.json``)."""
+    """Loss of a run's final checkpoint on the test split, the validation split and as many training
+    windows: ``n_batches`` (default 4 × ``eval_batches``) batches of evenly spaced windows each."""
     import torch
     import yaml
 
@@ -260,7 +288,6 @@ def evaluate(rdir: Path, n_batches: int = 0) -> dict:
         if tokens is not None:
             out[f"{split}_loss"] = engine.eval_loss(val_batches(tokens, t.batch_size, t.seq_len, n))
     engine.close()
-    (rdir / "test.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -291,7 +318,6 @@ def flops_curve(rdir: Path) -> tuple[list[float], dict]:
     head = m.vocab_size * m.dim
     fixed = head + m.n_layers * t.seq_len * m.dim
     adaptive = rc.policy != "static"
-    per_step_sens = adaptive and getattr(rc, "score", "energy") == "sensitivity"
     cum, total, parts = [], 0.0, {"matmul": 0.0, "retraction": 0.0, "sketch": 0.0, "decision": 0.0}
     lin_sum = 0.0
 
@@ -304,7 +330,6 @@ def flops_curve(rdir: Path) -> tuple[list[float], dict]:
         lin_sum += lin
         mm = 6.0 * tokens * (lin + fixed)
         retr = sum(4.0 * (i + o) * r * r + r ** 3 / 3 for n, r in ranks.items() if r for _, i, o in [cost(n, r)])
-        sens = sum(4.0 * r for r in ranks.values() if r) if per_step_sens else 0.0
         sk = dec = 0.0
         if adaptive and step >= rc.warmup_steps and (step - rc.warmup_steps) % rc.interval == 0:
             dec = sum(10.0 * r for r in ranks.values() if r)
@@ -319,8 +344,8 @@ def flops_curve(rdir: Path) -> tuple[list[float], dict]:
         parts["matmul"] += mm
         parts["retraction"] += retr
         parts["sketch"] += sk
-        parts["decision"] += dec + sens
-        total += mm + retr + sk + dec + sens
+        parts["decision"] += dec
+        total += mm + retr + sk + dec
         cum.append(total)
     parts["linear_params_avg"] = lin_sum / t.steps
     parts["linear_params_final"] = sum(cost(n, r)[0] for n, r in ranks.items())
@@ -491,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate", metavar="RUN_DIR", help=argparse.SUPPRESS)  # internal: test-split evaluation
     args = ap.parse_args(argv)
     if args.evaluate:
-        print(json.dumps(evaluate(Path(args.evaluate))))
+        result = evaluate(Path(args.evaluate))
+        (Path(args.evaluate) / "test.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
         return 0
     out = Path(args.out or ("runs/quality-long-smoke" if args.smoke else "runs/quality-long")).resolve()
     out.mkdir(parents=True, exist_ok=True)

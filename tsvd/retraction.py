@@ -48,6 +48,8 @@ from tsvd.spectral import SpectralModule
 from tsvd.stiefel import METHODS, drift, gram, householder_qr, orthonormalize_each, orthonormalize_into
 
 Writer = Callable[[str, nn.Parameter, Tensor], None]
+#: ``retract(names, measure_error) -> RetractionReport``: retract these factors exactly.
+Retract = Callable[[list, bool], "RetractionReport"]
 
 #: Upper bound on the bytes of the factors in one group (bounds the number of Grams held at once).
 CHUNK_BYTES = 64 * 2**20
@@ -236,23 +238,31 @@ class Retractor:
     def mark_exact(self, retracted: Iterable[str]) -> None:
         self.schedule.mark_exact({n: self.cache[n].drift for n in retracted})
 
-    def after_step(self, write: Writer = copy_writer, measure_error: bool = False) -> RetractionReport:
-        """The retraction that follows an optimizer step: every factor (strict) or those due."""
+    def after_step(self, measure_error: bool = False, retract: Retract | None = None) -> RetractionReport:
+        """The retraction that follows an optimizer step: every factor (strict) or those due.
+        ``retract(names, measure_error)`` does the work (default: this Retractor, in place; the DeepSpeed
+        engine passes its owner-rank retraction)."""
+        t0 = time.perf_counter()
         scheduled, early = self.due()
-        report = self(write, scheduled + early, measure_error)
+        report = (retract or self._exact)(scheduled + early, measure_error)
         report.early = early
         self.advance(report.retracted)
         report.predicted_drift = self.schedule.predicted(self.factors())
+        report.seconds = time.perf_counter() - t0
         return report
 
-    def retract_all(self, write: Writer = copy_writer, measure_error: bool = False) -> RetractionReport:
-        """Retract exactly every factor that moved since its last retraction (a no-op in strict mode)."""
+    def retract_all(self, measure_error: bool = False, retract: Retract | None = None) -> RetractionReport:
+        """Retract exactly every factor that moved since its last retraction (a no-op in strict mode).
+        Call it before reading ``s`` as the spectrum or handing the weights on."""
         stale = self.stale()
         if not stale:
             return RetractionReport()
-        report = self(write, stale, measure_error)
+        report = (retract or self._exact)(stale, measure_error)
         self.mark_exact(report.retracted)
         return report
+
+    def _exact(self, names: list[str], measure_error: bool) -> RetractionReport:
+        return self(only=names, measure_error=measure_error)
 
     def state_dict(self) -> dict:
         return self.schedule.state_dict()

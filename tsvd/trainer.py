@@ -247,6 +247,8 @@ class Trainer:
                     result = self._timed_step(run, micro, measure=when.should_log(n))
                 self.step = n
                 if self._record(run, result):
+                    if when.should_decide_ranks(n) or when.should_log(n):  # s read as the spectrum: U, V exact
+                        self.engine.retract_all(measure=when.should_log(n))
                     if when.should_decide_ranks(n):
                         self._change_ranks(sketch)
                     if when.should_log(n):
@@ -385,6 +387,7 @@ class Trainer:
             "perf/retraction_s": result.retraction.seconds,
             "perf/retraction_share": result.retraction.seconds / dt if dt > 0 else 0.0,
             "spectral/fallbacks": float(len(result.retraction.fallbacks)),
+            **result.retraction.scalars(),
             **memory_stats(),
         }
         self.metrics.scalars(self.step, values)
@@ -402,6 +405,7 @@ class Trainer:
     def save(self) -> Path:
         """Publish a checkpoint of the current step (atomic; see tsvd.checkpoint). A state holding a NaN
         or an infinity is never published: training stops instead (``TrainingError``)."""
+        self.engine.retract_all()  # the weights are handed on: every factor exactly orthonormal
         bad = self.engine.non_finite_parameters()
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")

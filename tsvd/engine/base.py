@@ -62,6 +62,12 @@ class Engine(ABC):
         """``{module name: s}`` for every spectral module (full, on CPU, identical on every rank)."""
 
     @abstractmethod
+    def retract_all(self, measure: bool = False) -> RetractionReport:
+        """Make every spectral factor exactly orthonormal again (with ``train.retract_every > 1`` some
+        moved since their last retraction; a no-op otherwise). Every rank calls it, before anything reads
+        ``s`` as the spectrum or hands the weights on: a rank decision, spectrum statistics, a checkpoint."""
+
+    @abstractmethod
     def apply_rank_plan(self, plan: RankPlan, sketch: GradientSketch | None = None) -> list[RankChange]:
         """Apply a rank decision at a step boundary (every rank calls it): resize the spectral layers
         and their optimizer state as ``tsvd.surgery.apply_plan`` does; returns the changes."""

@@ -112,7 +112,11 @@ class DeepSpeedEngine(Engine):
         self.model = self.engine.module
         self.device = self.engine.device
         self.adam = ZeroAdamState(self.optimizer, self.stage)
-        self.retractor = Retractor(self.model, self.cfg.train.retraction, self.cfg.train.lazy_tol)
+        schedule = self.retractor.state_dict() if hasattr(self, "retractor") else None  # a rebuild keeps it
+        self.retractor = Retractor(self.model, self.cfg.train.retraction, self.cfg.train.lazy_tol,
+                                   every=self.cfg.train.retract_every)
+        if schedule is not None:
+            self.retractor.load_state_dict(schedule)
         # What every step reads, fixed until the next rebuild (ZeRO keeps these parameter objects).
         self.retraction = OwnedRetraction(self.retractor, list(spectral_factors(self.model).items()), self.stage,
                                        self.device)
@@ -163,7 +167,7 @@ class DeepSpeedEngine(Engine):
         bad = self._non_finite_cores()
         if bad:  # keep the old s (and its Adam state) on every rank; the factors keep their update
             before.restore_(self.adam.base)
-        report = self.retraction(measure)
+        report = self.retractor.after_step(measure, retract=self.retraction)
         if bad:
             return StepResult(mean_loss, grad_norm, True, report, reason=bad_cores_reason(bad))
         return StepResult(mean_loss, grad_norm, False, report)
@@ -240,6 +244,9 @@ class DeepSpeedEngine(Engine):
 
     # ---- observation -------------------------------------------------------------------
 
+    def retract_all(self, measure: bool = False) -> RetractionReport:
+        return self.retractor.retract_all(measure, retract=self.retraction)
+
     @torch.no_grad()
     def spectra(self) -> dict[str, Tensor]:
         cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
@@ -263,7 +270,8 @@ class DeepSpeedEngine(Engine):
     def save(self, path: Path, client_state: dict) -> None:
         """All ranks: a DeepSpeed checkpoint under ``path/deepspeed`` with ``client_state`` and the model's
         per-layer ranks (``read_client_state`` reads the client state back without an engine)."""
-        state = {"tsvd_client_state": client_state, "tsvd_spectral_ranks": spectral_ranks(self.model)}
+        state = {"tsvd_client_state": client_state, "tsvd_spectral_ranks": spectral_ranks(self.model),
+                 "tsvd_retraction": self.retractor.state_dict()}
         self.engine.save_checkpoint(str(path), tag=TAG, client_state=state, save_latest=False)
 
     def load(self, path: Path) -> dict:
@@ -279,6 +287,8 @@ class DeepSpeedEngine(Engine):
             diff = {n: (saved.get(n), current.get(n)) for n in sorted(set(saved) | set(current))
                     if saved.get(n) != current.get(n)}
             raise UserError(f"{path}: checkpoint ranks differ from the model's (checkpoint, model): {diff}")
+        if "tsvd_retraction" in state:  # the amortized schedule (absent from checkpoints before it existed)
+            self.retractor.load_state_dict(state["tsvd_retraction"])
         return state["tsvd_client_state"]
 
     # ---- rank change -------------------------------------------------------------------

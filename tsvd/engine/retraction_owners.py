@@ -46,9 +46,9 @@ def retraction_cost(shape: tuple[int, ...]) -> int:
 
 
 class OwnedRetraction:
-    """``__call__(measure) -> RetractionReport``: retract every factor of ``factors`` (name, parameter of
-    the DeepSpeed-wrapped model) on its owner rank and share the results and diagnostics with all ranks.
-    All ranks call it together after the optimizer step."""
+    """``__call__(names, measure) -> RetractionReport``: retract those of ``factors`` (name, parameter of
+    the DeepSpeed-wrapped model) on their owner ranks and share the results and diagnostics with all
+    ranks. All ranks call it together with the same names (the amortized schedule is the same everywhere)."""
 
     def __init__(self, retractor: Retractor, factors: list[tuple[str, nn.Parameter]], stage: int,
                  device: torch.device) -> None:
@@ -57,9 +57,13 @@ class OwnedRetraction:
         self.owners = assign_owners({n: retraction_cost(full_shape(p)) for n, p in factors}, self.world_size)
 
     @torch.no_grad()
-    def __call__(self, measure: bool) -> RetractionReport:
+    def __call__(self, names: list[str] | None, measure: bool) -> RetractionReport:
+        """Retract ``names`` (``None``: every factor); the ``Retract`` signature of ``Retractor.after_step``."""
         t0 = time.perf_counter()
         factors = self.factors
+        if names is not None:
+            keep = set(names)
+            factors = [(n, p) for n, p in factors if n in keep]
         if self.stage == 3:
             for chunk in chunks_by_bytes(factors, GATHER_BYTES):
                 with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0):

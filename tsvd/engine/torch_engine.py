@@ -1,4 +1,5 @@
-"""Single-device engine: plain PyTorch, no launcher. Fused AdamW + retraction after every applied step.
+"""Single-device engine: plain PyTorch, no launcher. Fused AdamW + retraction after every applied step
+(every factor, or with ``train.retract_every: k`` each factor every k steps: ``Retractor.after_step``).
 
 ``TorchEngine.train_step`` is the one training step of a single process: ``tsvd train`` and Hugging Face
 fine-tuning (``tsvd.hf.finetune``, through ``loss_fn``) both take it.
@@ -58,7 +59,9 @@ class TorchEngine(Engine):
         self.cfg, self.device, self.loss_fn = cfg, resolve_device(cfg.train.device), loss_fn
         self.model = model.to(self.device)
         self.optimizer = build_adamw(self.model, cfg.train, self.device)
-        self.retractor = Retractor(self.model, cfg.train.retraction, cfg.train.lazy_tol)
+        # stack=True: the retractor keeps same-shape factors in shared stacks (batched retraction)
+        self.retractor = Retractor(self.model, cfg.train.retraction, cfg.train.lazy_tol,
+                                   every=cfg.train.retract_every, stack=True)
         # rank changes resize these modules in place (their parameters may be new objects: read m.s each step)
         self.spectral = {n: m for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
@@ -93,7 +96,7 @@ class TorchEngine(Engine):
         bad = [n for n, ok in zip(cores, finite_flags(list(cores.values())).tolist()) if not ok]
         if bad:  # keep the old s (and its Adam state); the factors keep their update and are retracted
             before.restore_(self.optimizer)
-        report = self.retractor(measure_error=measure)
+        report = self.retractor.after_step(measure_error=measure)
         if bad:
             return StepResult(loss, grad_norm, True, report, reason=bad_cores_reason(bad))
         return StepResult(loss, grad_norm, False, report)
@@ -116,9 +119,12 @@ class TorchEngine(Engine):
     def spectra(self) -> dict[str, Tensor]:
         return {n: m.s.detach().float().cpu() for n, m in self.spectral.items()}
 
+    def retract_all(self, measure: bool = False) -> RetractionReport:
+        return self.retractor.retract_all(measure_error=measure)
+
     def save(self, path: Path, client_state: dict) -> None:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "client_state": client_state}, Path(path) / STATE_FILE)
+                    "retraction": self.retractor.state_dict(), "client_state": client_state}, Path(path) / STATE_FILE)
 
     def load(self, path: Path) -> dict:
         """Restore a checkpoint written by ``save`` (read by ``read_state``: tensors and plain containers
@@ -128,6 +134,8 @@ class TorchEngine(Engine):
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if "retraction" in state:  # the amortized schedule (absent from checkpoints before it existed)
+                self.retractor.load_state_dict(state["retraction"])
             return state["client_state"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())

@@ -1,4 +1,4 @@
-"""``tsvd`` command line: train, prepare, inspect (and convert/export for Hugging Face models).
+"""``tsvd`` command line: train, prepare, inspect, report (and convert/export for Hugging Face models).
 
 Mistakes in configs or inputs end with a one-line ``tsvd: error: ...`` and exit code 2.
 """
@@ -81,6 +81,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tsvd.report import write_report
+
+    png, text = write_report(args.run_dir, args.out)
+    print(text)
+    print(f"picture: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tsvd",
@@ -146,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factors", action="store_true", help="keep U, s, V (factor checkpoint) instead of dense weights")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty out_dir")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="a run's picture (report.png) and text summary; also while it runs",
+                       description="Read a run's out_dir (config.yaml, metrics.jsonl, ranks.jsonl; torch or DeepSpeed, "
+                                   "finished or still going) and write one picture: train and val loss vs tokens, "
+                                   "ranks over time (layers x steps), parameters / dense vs step, retraction share "
+                                   "of the step time. Prints final train and val loss and perplexity, tokens, "
+                                   "training FLOPs, wall time and the final ranks per projection type.",
+                       epilog="Example: tsvd report runs/tsvd-adaptive  (writes runs/tsvd-adaptive/report.png)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's out_dir")
+    p.add_argument("--out", metavar="PNG", help="where to write the picture (default RUN_DIR/report.png)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

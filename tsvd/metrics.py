@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -72,6 +73,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 class Metrics:
     """Writes to TensorBoard (``<out_dir>/tb``) and ``<out_dir>/metrics.jsonl`` on the main rank only.
+    Scalar records in ``metrics.jsonl`` carry the Unix ``time`` they were written at (``tsvd report``).
 
     ``dims``: ``{layer: (m, n)}`` of every spectral layer (the dense matrix is ``m × n``); ``max_ranks``:
     the rank each layer may reach (the overview's colour is rank / max rank); ``other_params``: the
@@ -99,7 +101,7 @@ class Metrics:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         self.jsonl.flush()
 
     def spectral(self, step: int, spectra: dict[str, Tensor], stats: dict[str, dict[str, float]]) -> None:

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=50, help="rank.interval")
     p.add_argument("--policy", choices=["energy", "budget"], default="energy")
     p.add_argument("--rank", type=int, default=16, help="initial spectral rank")
+    p.add_argument("--protect", type=int, default=1, help="rank.protect (configs/tsvd-adaptive.yaml: 1)")
+    p.add_argument("--grow-init", type=float, default=0.25, help="rank.grow_init (configs/tsvd-adaptive.yaml: 0.25)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--ffn", type=int, default=688)
@@ -64,7 +66,8 @@ def make_config(a: argparse.Namespace) -> Config:
                             ffn_dim=a.ffn, max_seq_len=a.seq,
                             spectral=SpectralConfig(targets=["q", "k", "v", "o", "gate", "up", "down"], rank=a.rank))
     cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len = a.steps, a.batch, a.seq
-    cfg.rank = RankConfig(policy=a.policy, warmup_steps=a.warmup, interval=a.interval, energy=0.95, grow_tail=0.05)
+    cfg.rank = RankConfig(policy=a.policy, warmup_steps=a.warmup, interval=a.interval, energy=0.95, grow_tail=0.05,
+                          protect=a.protect, grow_init=a.grow_init)
     return cfg
 
 
@@ -125,7 +128,7 @@ def run(a: argparse.Namespace) -> dict:
             t_apply.append(dt)
             events.append((step, len(changes), sum(c.new > c.old for c in changes), sum(c.new < c.old for c in changes)))
         total = time.perf_counter() - t0
-        apply_plan(static.model, static.optimizer, RankPlan(step, plan.ranks))  # same shapes, untimed
+        apply_plan(static.model, static.optimizer, RankPlan(step, plan.ranks, keep=plan.keep))  # same shapes, untimed
         return total
 
     def random_batch():

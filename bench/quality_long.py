@@ -429,6 +429,7 @@ def report(all_arms: list[Arm], seeds: list[int], out: Path, command: str) -> tu
         lines.append(f"| {arm.name} | {arm.desc} | {best} ({sw}) | {s['n']}/{len(seeds)} | {s['test_mean']:.4f}{spread} | "
                      f"{s['test_mean'] - uni:+.4f} | {fmt_params(s['params'])} | {pct} | {s['flops']:.3g} | {reach} |")
     md = "\n".join(lines) + "\n"
+    md += progress_table(runs, sweep)
     unfinished = [f"{a.name}-s{s}" for a in all_arms for s in seeds
                   if not (f"{a.name}-s{s}" in runs and runs[f"{a.name}-s{s}"]["done"]
                           and math.isfinite(runs[f"{a.name}-s{s}"]["test_loss"]))]
@@ -444,6 +445,22 @@ def report(all_arms: list[Arm], seeds: list[int], out: Path, command: str) -> tu
 
             rank_heatmap(out / "main" / name / "ranks.jsonl", out / f"ranks-{name}.png")
     return result, md
+
+
+def progress_table(runs: dict, sweep: dict) -> str:
+    """Every main run, finished or not: the validation curve so far (partial results stay readable)."""
+    if not runs:
+        return ""
+    steps = sorted({s for r in runs.values() for s, _ in r["val_curve"]})
+    head = "| run | done | " + " | ".join(f"val @{s}" for s in steps) + " | FLOPs so far |\n"
+    head += "|---|---|" + "---|" * len(steps) + "---|\n"
+    lines = []
+    for name, r in sorted(runs.items()):
+        vals = dict(r["val_curve"])
+        cells = " | ".join(f"{vals[s]:.4f}" if s in vals else "" for s in steps)
+        so_far = r["flops_at"][-1] if r["flops_at"] else 0.0
+        lines.append(f"| {name} | {'yes' if r['done'] else 'no'} | {cells} | {so_far:.3g} |")
+    return "\nValidation loss of the main runs by step (finished or not):\n\n" + head + "\n".join(lines) + "\n"
 
 
 def fmt_params(x: float) -> str:

@@ -49,3 +49,46 @@ def test_quality_smoke(tmp_path):
     for name in names:
         assert f"| {name}" in table
     assert (out / "val_loss.png").stat().st_size > 1000
+
+
+def _load_long():
+    spec = importlib.util.spec_from_file_location("bench_quality_long", ROOT / "bench" / "quality_long.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_long_smoke_and_resume(tmp_path, capsys):
+    """bench/quality_long.py at a tiny size: LR sweeps on val, two seeds, test-split evaluation, FLOPs
+    (adaptive arms count their sketches and decisions), the table and plots; a second call resumes
+    (nothing is retrained) and --report-only rebuilds the same table."""
+    long = _load_long()
+    out = tmp_path / "long"
+    arms = ["dense", "uniform", "adaptive", "budget-ramp"]
+    assert long.main(["--smoke", "--out", str(out), "--jobs", "2", "--arms", *arms]) == 0
+    result = json.loads((out / "results.json").read_text())
+    for arm in arms:
+        a = result["arms"][arm]
+        assert a["n"] == 2 and all(math.isfinite(t) and t > 0 for t in a["tests"]), arm
+        assert len(a["sweep"]) == 2 and math.isfinite(a["flops"]) and a["flops"] > 0, arm
+    runs = result["runs"]
+    for name, r in runs.items():
+        test = json.loads((out / "main" / name / "test.json").read_text())
+        assert r["test_loss"] == test["test_loss"] and math.isfinite(test["train_loss"])
+    # spectral arms train on fewer linear parameters and FLOPs than dense; adaptive decisions cost FLOPs
+    assert result["arms"]["uniform"]["flops"] < result["arms"]["dense"]["flops"]
+    assert result["arms"]["uniform"]["params"] < result["arms"]["dense"]["params"]
+    assert runs["adaptive-s0"]["decision"] > 0 and runs["uniform-s0"]["decision"] == 0
+    assert runs["budget-ramp-s0"]["linear_params_final"] > runs["budget-ramp-s0"]["linear_params_avg"] * 0.99
+    md = (out / "results.md").read_text()
+    assert all(f"| {arm} |" in md for arm in arms) and "Partial" not in md
+    assert (out / "loss_vs_flops.png").stat().st_size > 1000 and (out / "ranks-adaptive-s0.png").is_file()
+    # resume: everything is finished, so nothing starts again
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*/summary.json")}
+    capsys.readouterr()
+    assert long.main(["--smoke", "--out", str(out), "--jobs", "2", "--arms", *arms]) == 0
+    assert "started" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/summary.json")} == mtimes
+    assert long.main(["--smoke", "--out", str(out), "--report-only"]) == 0
+    assert json.loads((out / "results.json").read_text())["arms"]["uniform"] == result["arms"]["uniform"]

@@ -70,6 +70,18 @@ def greedy_ranks(gains: dict[str, Tensor], costs: dict[str, int], budget: int, m
     return ranks
 
 
+def fisher_gains(whitened: WhitenedSVD, grad_moment: Tensor) -> Tensor:
+    """Loss of dropping each whitened direction, to second order: ``σᵢ² · pᵢᵀ G pᵢ`` with ``G = Σ g gᵀ``
+    the layer's output-gradient moment (``tsvd.calibration.OutputGradientMoments``), ``pᵢ`` the
+    direction's output vector. Dropping it changes the outputs by ``Δy = σᵢ pᵢ (bᵢᵀ x)``; the loss by
+    ``½ E[(gᵀ Δy)²]`` in the Fisher approximation, which is ``∝ σᵢ² pᵢᵀ G pᵢ`` when the gradient is
+    independent of the input's whitened coordinate ``bᵢᵀ x`` (unit second moment by construction); the
+    whitened coordinates are uncorrelated, so the directions' losses add."""
+    P = whitened.P
+    curvature = ((grad_moment.to(P) @ P) * P).sum(0)
+    return whitened.direction_loss() * curvature.clamp_min(0)
+
+
 def budget_spent(ranks: dict[str, int], costs: dict[str, int]) -> int:
     return sum(r * costs[n] for n, r in ranks.items())
 

@@ -12,6 +12,7 @@ the number of batches.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable
 
 import torch
@@ -60,6 +61,7 @@ class InputMoments:
         self._owner: dict[str, str] = {}  # layer name -> key of its statistic
         self._last: tuple[Tensor, str] | None = None
         self._handles: list = []
+        self.seconds = 0.0  # spent in the hooks: the statistics' own cost within the forward passes
 
     def __enter__(self) -> "InputMoments":
         for name, layer in self.layers.items():
@@ -81,6 +83,7 @@ class InputMoments:
                 return
             if key != name:
                 raise RuntimeError(f"calibration: {name} shared the input of {key} in an earlier batch but not now")
+            t0 = time.perf_counter()
             rows = x.detach().reshape(-1, x.shape[-1])
             gram = rows.T @ rows
             if key in self._sums:
@@ -89,6 +92,7 @@ class InputMoments:
             else:
                 self._sums[key], self._rows[key] = gram.double(), rows.shape[0]
             self._last = (x, key)
+            self.seconds += time.perf_counter() - t0
         return hook
 
     def end_batch(self) -> None:
@@ -106,6 +110,57 @@ class InputMoments:
     def shared_with(self, name: str) -> str:
         """The layer whose statistic ``name`` shares (itself if none)."""
         return self._owner[name]
+
+
+class OutputGradientMoments:
+    """``with OutputGradientMoments(layers) as m: <forward + backward passes>``; then ``m.moment(name)`` is
+    ``Σ g gᵀ`` (float64, ``out×out``) over the gradients ``g = ∂loss/∂y`` of every output row of layer
+    ``name``: the (empirical Fisher) curvature of the loss in the layer's output space."""
+
+    def __init__(self, layers: dict[str, nn.Linear]) -> None:
+        self.layers = layers
+        self._sums: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "OutputGradientMoments":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable:
+        def accumulate(g: Tensor) -> None:
+            rows = g.detach().reshape(-1, g.shape[-1])
+            gram = rows.T @ rows
+            if name in self._sums:
+                self._sums[name] += gram
+            else:
+                self._sums[name] = gram.double()
+
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if out.requires_grad:
+                out.register_hook(accumulate)
+        return hook
+
+    def moment(self, name: str) -> Tensor:
+        if name not in self._sums:
+            raise UserError(f"calibration: layer {name} received no gradient (is it used in the loss?)")
+        return self._sums[name]
+
+
+def collect_output_gradients(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Tensor],
+                             loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> OutputGradientMoments:
+    """Forward and backward ``loss_fn(model, batch)`` over the batches with the output-gradient hooks on
+    (parameter gradients are discarded; the weights are not changed)."""
+    with OutputGradientMoments(layers) as moments, torch.enable_grad():
+        for batch in batches:
+            loss_fn(model, batch).backward()
+            model.zero_grad(set_to_none=True)
+    return moments
 
 
 @torch.no_grad()

@@ -65,9 +65,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tsvd.hf import convert_hf
 
-    energy = None if args.rank is not None else (0.95 if args.energy is None else args.energy)
-    convert_hf(args.src, args.out_dir, energy=energy, rank=args.rank, targets=args.targets,
-               exclude=args.exclude, overwrite=args.overwrite)
+    sized = any(x is not None for x in (args.rank, args.params_ratio, args.budget))
+    energy = None if sized else (0.95 if args.energy is None else args.energy)
+    convert_hf(args.src, args.out_dir, energy=energy, rank=args.rank, params_ratio=args.params_ratio,
+               budget=args.budget, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
+               targets=args.targets, exclude=args.exclude, overwrite=args.overwrite)
     return 0
 
 
@@ -131,12 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "replace the targeted nn.Linear layers by truncated-SVD factors and write a factor "
                                    "checkpoint (factors.safetensors, tsvd_factors.json, report.json/.txt, tokenizer). "
                                    "Needs the 'hf' extra. See docs/hf.md.",
-                       epilog="Example: tsvd convert ./SmolLM2-135M ./smollm2-e95 --energy 0.95 --targets 'model.layers.*'")
+                       epilog="Examples: tsvd convert ./SmolLM2-135M ./smollm2-e95 --energy 0.95 --targets 'model.layers.*'; "
+                              "tsvd convert ./SmolLM2-135M ./smollm2-mlp80 --targets '*.mlp.*' --params-ratio 0.8 "
+                              "--calibration notes.txt")
     p.add_argument("src", help="Hugging Face model directory or .gguf file")
     p.add_argument("out_dir", help="directory for the factor checkpoint")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--energy", type=float, help="per-layer rank keeping this fraction of Σ s² (default 0.95)")
     g.add_argument("--rank", type=int, help="fixed rank for every layer (capped at min(in, out))")
+    g.add_argument("--params-ratio", type=float, metavar="R", help="the targeted layers' factors hold this fraction "
+                   "of their dense parameters, in (0, 1]; with --calibration ranks follow the model's loss")
+    g.add_argument("--budget", type=int, metavar="N", help="the targeted layers' factors hold N parameters")
+    p.add_argument("--calibration", metavar="FILE", help="text file (or prepared tsvd dataset dir): activation-aware "
+                   "factors, optimal on these inputs, and loss-aware ranks (see docs/hf.md)")
+    p.add_argument("--calibration-tokens", type=int, default=32768, metavar="N",
+                   help="calibration tokens to use (default 32768)")
     p.add_argument("--targets", nargs="+", metavar="GLOB", help="module-name globs to convert (default: every "
                    "nn.Linear except the output head)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="module-name globs to keep dense")

@@ -16,9 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from tsvd.allocation import (budget_spent, check_ratio, greedy_ranks, loss_sensitivity, rank_cost, ratio_budget,
-                             uniform_ranks)
-from tsvd.calibration import collect_moments, next_token_loss
+from tsvd.allocation import budget_spent, check_ratio, fisher_gains, greedy_ranks, rank_cost, ratio_budget, uniform_ranks
+from tsvd.calibration import collect_moments, collect_output_gradients, next_token_loss
 from tsvd.errors import UserError
 from tsvd.spectral import INITS, SpectralLinear, check_rank
 from tsvd.spectrum import check_energy
@@ -155,8 +154,8 @@ def spectralize(
         if ranks is None:
             ranks = {n: min(rank, w.max_rank) for n, w in whitened.items()}
         if allocation == "loss":
-            ranks = loss_aware_ranks(model, layers, whitened, ranks, budget, calibration[:sensitivity_batches],
-                                     loss_fn, log)
+            whitened, ranks = loss_aware_ranks(model, layers, whitened, budget, calibration[:sensitivity_batches],
+                                               loss_fn, log=log)
         return replace_with_factors(model, layers, whitened, ranks, log)
 
     report: list[LayerReport] = []
@@ -201,19 +200,35 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
     return out
 
 
-def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD],
-                     probe: dict[str, int], budget: int, batches: Sequence[Tensor],
-                     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
-                     log: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Ranks spending ``budget`` parameters by ``β·σᵢ²`` per parameter, ``β`` each layer's measured loss
-    sensitivity at the ``probe`` ranks (``tsvd.allocation``)."""
-    beta = loss_sensitivity(model, layers, whitened, probe, batches, loss_fn, log)
+def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD], budget: int,
+                     batches: Sequence[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                     per_direction: bool = False, log: Callable[[str], None] | None = None
+                     ) -> tuple[dict[str, WhitenedSVD], dict[str, int]]:
+    """Spend ``budget`` parameters where the model's loss rises most per parameter.
+
+    One backward pass over ``batches`` gives each layer's output-gradient moment ``G``; dropping
+    whitened direction ``i`` then costs ``σᵢ² pᵢᵀ G pᵢ`` of loss (``tsvd.allocation.fisher_gains``).
+    ``per_direction=False`` keeps each layer's whitened order and scales its ``σᵢ²`` by the layer's
+    mean curvature ``Σ σᵢ² pᵢᵀGpᵢ / Σ σᵢ²``; ``True`` keeps, in every layer, the directions of largest
+    estimated loss (the returned SVDs are reordered so that ranks keep prefixes).
+    """
+    t0 = time.perf_counter()
+    grads = collect_output_gradients(model, layers, batches, loss_fn)
     costs = {n: rank_cost(lin.in_features, lin.out_features) for n, lin in layers.items()}
-    ranks = greedy_ranks({n: beta[n] * w.direction_loss() for n, w in whitened.items()}, costs, budget)
+    gains, ordered = {}, {}
+    for name, w in whitened.items():
+        g = fisher_gains(w, grads.moment(name))
+        if per_direction:
+            order = torch.argsort(g, descending=True, stable=True)
+            ordered[name], gains[name] = w.reordered(order), g[order]
+        else:
+            d = w.direction_loss()
+            ordered[name], gains[name] = w, d * (g.sum() / d.sum().clamp_min(1e-300))
+    ranks = greedy_ranks(gains, costs, budget)
     if log is not None:
-        log(f"loss-aware ranks {min(ranks.values())}-{max(ranks.values())}, "
-            f"{budget_spent(ranks, costs):,} of {budget:,} parameters")
-    return ranks
+        log(f"loss-aware ranks {min(ranks.values())}-{max(ranks.values())}, {budget_spent(ranks, costs):,} of "
+            f"{budget:,} parameters ({len(batches)} backward passes, {time.perf_counter() - t0:.1f} s)")
+    return ordered, ranks
 
 
 @torch.no_grad()

@@ -61,12 +61,18 @@ class WhitenedSVD:
         """``‖(W − W'_r) X‖_F²`` of the rank-``rank`` optimum: the sum of the discarded ``σᵢ²``."""
         return float(self.sigma[rank:].square().sum())
 
+    def reordered(self, order: Tensor) -> "WhitenedSVD":
+        """The same directions in another order (``order`` a permutation of ``range(max_rank)``): keeping a
+        prefix then keeps any chosen subset; its truncation loss is still the sum of the dropped ``σᵢ²``."""
+        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order])
+
     def weight(self, rank: int) -> Tensor:
         """The dense rank-``rank`` optimum ``W'`` (``out×in``, float64)."""
         return (self.P[:, :rank] * self.sigma[:rank]) @ self.B[:, :rank].T
 
     def factors(self, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(U (in×r), s (r), V (out×r))`` with ``W'_r = V diag(s) Uᵀ``, ``UᵀU = VᵀV = I``, ``s`` descending.
+        """``(U (in×r), s (r), V (out×r))`` with ``W'_r = V diag(s) Uᵀ`` (the first ``r`` stored directions),
+        ``UᵀU = VᵀV = I``, ``s`` descending.
 
         ``B_r = Q_B R`` (QR), ``diag(σ_r) Rᵀ = Pm diag(s) Qmᵀ`` (``r×r`` SVD); then ``V = P_r Pm``,
         ``U = Q_B Qm``: ``O((in + out)·r²)`` on top of the stored SVD.

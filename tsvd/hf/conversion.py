@@ -18,13 +18,17 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from tsvd.allocation import check_ratio
+from tsvd.calibration import token_windows
 from tsvd.convert import LayerReport, format_report, matches_glob, spectralize
+from tsvd.data import load_data, read_meta
 from tsvd.errors import UserError
 from tsvd.hf.factors import load_factors, read_factor_meta, save_factors, write_json
 from tsvd.hf.loading import check_out_dir, load_hf_model, locate, require_transformers
 from tsvd.spectrum import check_energy
 
 REPORT_JSON, REPORT_TXT = "report.json", "report.txt"
+CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN, CALIBRATION_BATCH = 32768, 512, 4
 
 
 def report_dict(rows: Sequence[LayerReport], **extra: Any) -> dict:
@@ -87,14 +91,55 @@ def load_converted(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def _check_budget(energy: float | None, rank: int | None) -> None:
-    """Exactly one of ``energy`` / ``rank``, each valid (checked before the slow model load)."""
-    if (energy is None) == (rank is None):
-        raise UserError("convert: give exactly one of energy= or rank=")
+def _check_budget(energy: float | None, rank: int | None, params_ratio: float | None = None,
+                  budget: int | None = None) -> None:
+    """Exactly one of ``energy`` / ``rank`` / ``params_ratio`` / ``budget``, each valid (checked before the
+    slow model load)."""
+    if sum(x is not None for x in (energy, rank, params_ratio, budget)) != 1:
+        raise UserError("convert: give exactly one of energy=, rank=, params_ratio= or budget=")
     if energy is not None:
         check_energy(energy)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise UserError(f"rank must be a positive integer, got {rank!r}")
+    if params_ratio is not None:
+        check_ratio(params_ratio)
+    for name, value in (("rank", rank), ("budget", budget)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_calibration_source(path: Path) -> None:
+    """A readable, non-empty text file or a prepared tsvd dataset directory (before the slow load)."""
+    if path.is_dir():
+        read_meta(path)
+    elif not path.is_file():
+        raise UserError(f"calibration: {path} does not exist (a text file or a prepared tsvd dataset directory)")
+    elif path.stat().st_size == 0:
+        raise UserError(f"calibration: {path} is empty")
+
+
+def calibration_windows(path: str | Path, tokenizer: Any, n_tokens: int = CALIBRATION_TOKENS,
+                        seq_len: int = CALIBRATION_SEQ_LEN, batch_size: int = CALIBRATION_BATCH) -> list[torch.Tensor]:
+    """Token windows ``(≤batch_size, seq_len + 1)`` predicting about ``n_tokens`` tokens of the calibration
+    text, tokenized by the model's own tokenizer. ``path``: a text file, or a prepared tsvd dataset
+    directory (its train split, decoded with the dataset's tokenizer)."""
+    path = Path(path)
+    _check_calibration_source(path)
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise UserError(f"calibration tokens must be a positive integer, got {n_tokens!r}")
+    if tokenizer is None:
+        raise UserError("calibration needs the model's tokenizer, and the source has none")
+    max_chars = 16 * (n_tokens + seq_len)  # far more characters than tokens needed; bounds the tokenizer's work
+    if path.is_dir():
+        data = load_data(path)
+        text = data.tokenizer.decode(data.train[:4 * (n_tokens + seq_len)].tolist())
+    else:
+        text = path.read_text(errors="replace")[:max_chars]
+    if not text.strip():
+        raise UserError(f"calibration: {path} has no text")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() <= seq_len:
+        raise UserError(f"calibration: {path} is too short: {ids.numel()} tokens, need at least {seq_len + 1} "
+                        "(one window)")
+    return token_windows(ids, seq_len, n_tokens, batch_size)
 
 
 def _output_head(model: nn.Module) -> tuple[str | None, bool]:
@@ -127,16 +172,26 @@ def choose_targets(model: nn.Module, targets: Sequence[str] | None,
 
 
 def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = None, rank: int | None = None,
-               targets: Sequence[str] | None = None, exclude: Sequence[str] = (), overwrite: bool = False,
+               params_ratio: float | None = None, budget: int | None = None, calibration: str | Path | None = None,
+               calibration_tokens: int = CALIBRATION_TOKENS, targets: Sequence[str] | None = None,
+               exclude: Sequence[str] = (), overwrite: bool = False,
                log: Callable[[str], None] | None = print) -> list[LayerReport]:
     """Convert a HF causal LM (directory or ``.gguf``) to a factor checkpoint in ``out_dir``; returns
     the per-layer report.
 
     ``targets``: globs over module names (default: every ``nn.Linear`` except the output head).
-    Exactly one of ``energy`` (per-layer rank keeping this fraction of ``Σ sᵢ²``) or ``rank``.
+    Exactly one of ``energy`` (per-layer rank keeping this fraction of ``Σ sᵢ²``), ``rank``,
+    ``params_ratio`` (the targeted layers' factors hold this fraction of their dense parameters) or
+    ``budget`` (that many parameters). ``calibration`` (a text file or a prepared tsvd dataset
+    directory; its first ``calibration_tokens`` tokens): activation-aware factors, and with
+    ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``).
     Steps: check the arguments, load, choose the layers, factorize (``spectralize``), save.
     """
-    _check_budget(energy, rank)
+    _check_budget(energy, rank, params_ratio, budget)
+    if calibration is not None:
+        if energy is not None:
+            raise UserError("convert: --calibration works with --rank, --params-ratio or --budget, not --energy")
+        _check_calibration_source(Path(calibration))
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     locate(Path(src))  # fail fast, before the (slow) load
@@ -145,8 +200,15 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     model, tokenizer = load_hf_model(src)
     t_load = time.perf_counter() - t0
     targets, exclude = choose_targets(model, targets, exclude)
-    report = spectralize(model, targets, rank=rank, energy=energy, exclude=exclude)
-    conversion = {"targets": targets, "exclude": exclude, "energy": energy, "rank": rank}
+    windows = None if calibration is None else calibration_windows(calibration, tokenizer, calibration_tokens)
+    if windows is not None and log is not None:
+        log(f"calibration: {sum(w.shape[0] for w in windows) * CALIBRATION_SEQ_LEN:,} tokens of {calibration}")
+    report = spectralize(model, targets, rank=rank, energy=energy, exclude=exclude, params_ratio=params_ratio,
+                         budget=budget, calibration=windows, log=log)
+    conversion = {"targets": targets, "exclude": exclude, "energy": energy, "rank": rank,
+                  "params_ratio": params_ratio, "budget": budget,
+                  "calibration": None if calibration is None else str(calibration),
+                  "calibration_tokens": None if calibration is None else calibration_tokens}
     save_converted(model, out, tokenizer=tokenizer, conversion=conversion, report=report, source=str(src))
     if log is not None:
         log(format_report(report))

@@ -24,6 +24,8 @@ from tsvd.stiefel import (
     householder_qr,
     orthonormality_error,
     orthonormalize,
+    orthonormalize_each,
+    orthonormalize_into,
 )
 
 TOL = 1e-5
@@ -200,3 +202,21 @@ def test_method_and_shape_validation():
         orthonormalize(torch.randn(3, 10))
     with pytest.raises(ValueError, match="m >= r"):
         orthonormalize(torch.randn(10))
+
+
+@pytest.mark.parametrize("m,r", [(16, 4), (300, 24)])  # below and above torch's small-GEMM kernel threshold
+def test_batched_equals_per_matrix_bitwise_with_the_same_fallbacks(m, r):
+    g = torch.Generator().manual_seed(1)
+    A = householder_qr(torch.randn(6, m, r, generator=g))[0]
+    A = A + 1e-3 * torch.randn(6, m, r, generator=g).sign()
+    A[1] *= 1.3  # drift ≈ 0.69·√r: CholeskyQR2 (r=4) or Householder (r=24)
+    A[2] *= 1.6  # drift > MAX_CHOLESKY_DRIFT: Householder
+    A[3, :, 1] = A[3, :, 0]  # rank-deficient: Cholesky fails, Householder
+    out = torch.empty_like(A)
+    batched = orthonormalize_into(A, out)
+    each = torch.empty_like(A)
+    single = orthonormalize_each(list(A.unbind(0)), write=lambda i, Q: each[i].copy_(Q))
+    assert torch.equal(out, each)
+    assert torch.equal(batched.householder, single.householder) and torch.equal(batched.drift, single.drift)
+    assert batched.householder[2] and batched.householder[3] and not batched.householder[0]
+    assert batch_max(orthonormality_error(out)) <= TOL

@@ -34,9 +34,18 @@ MAX_CHOLESKY_DRIFT = 0.9
 METHODS = ("cholesky", "householder")
 
 
+def matmul(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` for matrices or stacks, a single matrix computed as a stack of one: torch picks its GEMM
+    kernel by the size of each product (a tiny one takes a different kernel from ``mm``), so a matrix
+    gets the same bits whether it is retracted alone or in a stack."""
+    if a.dim() > 2:
+        return torch.matmul(a, b, out=out)
+    return torch.matmul(a[None], b[None], out=None if out is None else out[None])[0]
+
+
 def gram(A: Tensor, out: Tensor | None = None) -> Tensor:
     """``AᵀA``: ``(..., m, r) → (..., r, r)`` (into ``out`` when given)."""
-    return torch.matmul(A.mT, A, out=out) if out is not None else A.mT @ A
+    return matmul(A.mT, A, out=out)
 
 
 def drift(G: Tensor) -> Tensor:
@@ -104,7 +113,7 @@ def _second_pass(Q: Tensor, out: Tensor) -> bool:
     _, R2_inv, ok = cholesky_r(gram(Q))
     if not bool(ok):
         return False
-    torch.mm(Q, R2_inv, out=out)
+    matmul(Q, R2_inv, out=out)
     return True
 
 
@@ -120,7 +129,7 @@ def orthonormalize_into(A: Tensor, out: Tensor, G: Tensor | None = None) -> Orth
     if G is None:
         G = gram(A)
     d, R_inv, fallback, refine = _paths(G)
-    torch.matmul(A, R_inv, out=out)
+    matmul(A, R_inv, out=out)
     if bool((fallback | refine).any()):
         scratch = torch.empty_like(out[0])
         for i in refine.nonzero().flatten().tolist():
@@ -200,7 +209,7 @@ def orthonormalize_each(
         if fb:
             write(i, householder_qr(A)[0])
             continue
-        Q = torch.mm(A, Ri, out=buf)
+        Q = matmul(A, Ri, out=buf)
         if rf:
             if not _second_pass(Q, buf2):
                 fallback[i] = True

@@ -73,7 +73,7 @@ class StepInBackward:
         missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
         if missing:
             raise ValueError(f"StepInBackward: blocks do not cover {missing[:3]}{'…' if len(missing) > 3 else ''}")
-        self.retractor = Retractor(model, retraction, lazy_tol) if retraction else None
+        self.retractor = Retractor(model, retraction, lazy_tol, every=t.retract_every, stack=True) if retraction else None
         self.optimizer_seconds = 0.0  # time spent in the blocks' AdamW steps (inside backward)
         self._handles = [p.register_post_accumulate_grad_hook(partial(self._on_grad, unit))
                          for unit in self.units for p in unit.params]
@@ -105,7 +105,7 @@ class StepInBackward:
         for unit in self.units:
             if unit.pending != len(unit.params):
                 self._step(unit)
-        return self.retractor(measure_error=measure_error) if self.retractor else RetractionReport()
+        return self.retractor.after_step(measure_error=measure_error) if self.retractor else RetractionReport()
 
     def remove(self) -> None:
         """Detach the hooks (the model trains normally again)."""

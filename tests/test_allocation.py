@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from tsvd import UserError
-from tsvd.allocation import (budget_spent, check_ratio, greedy_ranks, loss_sensitivity, rank_cost, ratio_budget,
+from tsvd.allocation import (budget_spent, check_ratio, fisher_gains, greedy_ranks, rank_cost, ratio_budget,
                              uniform_ranks)
+from tsvd.calibration import collect_output_gradients
 from tsvd.whitening import whitened_svd
 
 
@@ -58,7 +59,8 @@ def test_greedy_ranks_follow_the_gain_scale():
 
 
 class TwoPaths(nn.Module):
-    """``y = 5·A x + 0.2·B x``: the same layer shapes and inputs, A's errors cost 625× more loss."""
+    """Logits ``5·A x + 0.2·B x``: the same layer shapes, weights and inputs; A's output errors move the
+    loss 25× more per unit, so 625× more to second order."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,33 +73,37 @@ class TwoPaths(nn.Module):
         return 5 * self.A(x) + 0.2 * self.B(x)
 
 
-def test_loss_sensitivity_prefers_the_layer_whose_truncation_hurts_the_loss_more():
+def test_fisher_gains_prefer_the_layer_whose_truncation_hurts_the_loss_more():
     model = TwoPaths()
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(64, 8, generator=g) for _ in range(2)]
-    target = model(torch.cat(xs)).detach()
+    with torch.no_grad():  # labels drawn from the model itself: the gradient moment is the Fisher
+        labels = [torch.multinomial(torch.softmax(model(x), -1), 1, generator=g)[:, 0] for x in xs]
 
     def loss_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         i = next(k for k, b in enumerate(xs) if b is x)
-        return (m(x) - target[i * 64:(i + 1) * 64]).square().sum(-1).mean()
+        return nn.functional.cross_entropy(m(x), labels[i])
 
     X = torch.cat(xs).double()
     layers = {"A": model.A, "B": model.B}
-    whitened = {n: whitened_svd(l.weight, X.T @ X) for n, l in layers.items()}
-    before = {n: l.weight.detach().clone() for n, l in layers.items()}
-    beta = loss_sensitivity(model, layers, whitened, {"A": 4, "B": 4}, xs, loss_fn)
-    assert all(torch.equal(l.weight, before[n]) for n, l in layers.items())  # weights restored
-    assert beta["A"] / beta["B"] == pytest.approx(625, rel=1e-3)
+    whitened = {n: whitened_svd(lin.weight, X.T @ X) for n, lin in layers.items()}
+    before = {n: lin.weight.detach().clone() for n, lin in layers.items()}
+    grads = collect_output_gradients(model, layers, xs, loss_fn)
+    assert all(torch.equal(lin.weight, before[n]) and lin.weight.grad is None for n, lin in layers.items())
+    gains = {n: fisher_gains(w, grads.moment(n)) for n, w in whitened.items()}
+    torch.testing.assert_close(gains["A"], 625 * gains["B"], rtol=1e-6, atol=0)
     costs = {n: rank_cost(8, 8) for n in layers}
-    ranks = greedy_ranks({n: beta[n] * w.direction_loss() for n, w in whitened.items()}, costs, 8 * costs["A"])
+    order = {n: torch.argsort(gains[n], descending=True) for n in layers}
+    ranks = greedy_ranks({n: gains[n][order[n]] for n in layers}, costs, 8 * costs["A"])
     assert ranks["A"] > ranks["B"] and ranks["A"] + ranks["B"] == 8
-    # the allocation lowers the model's loss vs the even split of the same budget
+
     @torch.no_grad()
-    def loss_at(rs):
-        for n, l in layers.items():
-            l.weight.data = whitened[n].weight(rs[n]).float()
+    def loss_at(rs):  # the model's loss with each layer at its rank
+        for n, lin in layers.items():
+            lin.weight.data = whitened[n].reordered(order[n]).weight(rs[n]).float()
         out = sum(float(loss_fn(model, x)) for x in xs)
-        for n, l in layers.items():
-            l.weight.data = before[n]
+        for n, lin in layers.items():
+            lin.weight.data = before[n]
         return out
+
     assert loss_at(ranks) < loss_at({"A": 4, "B": 4})

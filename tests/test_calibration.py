@@ -76,3 +76,29 @@ def test_next_token_loss_reads_logits_from_any_output_shape():
     expected = nn.functional.cross_entropy(logits[0], w[0, 1:])
     for wrap in (lambda t: t, lambda t: (t, None), lambda t: type("O", (), {"logits": t})()):
         assert float(next_token_loss(lambda x, wrap=wrap: wrap(logits), w)) == pytest.approx(float(expected))
+
+
+def test_output_gradient_moments_are_the_gradients_second_moments():
+    from tsvd.calibration import collect_output_gradients
+    model = Mlp()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(3, 5, 8, generator=g) for _ in range(2)]
+    loss_fn = lambda m, x: m(x).square().sum()  # noqa: E731
+    moments = collect_output_gradients(model, {"up": model.up, "down": model.down}, xs, loss_fn)
+    assert all(p.grad is None for p in model.parameters())  # parameter gradients are not kept
+    for name in ("up", "down"):
+        expected = 0
+        for x in xs:
+            outs: list[torch.Tensor] = []
+
+            def keep(m, a, o, outs=outs):
+                o.retain_grad()
+                outs.append(o)
+            h = model.get_submodule(name).register_forward_hook(keep)
+            loss_fn(model, x).backward()
+            h.remove()
+            gr = outs[0].grad.reshape(-1, outs[0].shape[-1]).double()
+            expected = expected + gr.T @ gr
+        torch.testing.assert_close(moments.moment(name), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="received no gradient"):
+        moments.moment("gate")

@@ -7,19 +7,17 @@ A spectral ``out×in`` layer of rank ``r`` stores ``r·(in + out + 1)`` numbers 
   ``i``), keep the directions with the largest loss per parameter until the budget is spent. For
   losses that add over directions and layers this is the optimum of the budgeted problem up to the
   last rank (the per-layer cost of a direction is constant and the gains are sorted).
-- ``loss_sensitivity``: what makes the gains the model's loss. Truncating one layer alone to a probe
-  rank and measuring the increase of the model's calibration loss gives ``ΔL``; dividing by that
-  truncation's whitened output error ``E`` (``tsvd.whitening``) gives the layer's loss per unit of
-  output error, ``β = ΔL / E``, which scales its ``σᵢ²``.
+- ``fisher_gains``: what makes the gains the model's loss rather than each layer's own output error.
+  A whitened direction's output error ``σᵢ²`` (``tsvd.whitening``) is weighted by the curvature of the
+  model's loss along the direction's output vector, measured by the layer's output-gradient moment.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tsvd.errors import UserError
 from tsvd.whitening import WhitenedSVD
@@ -84,33 +82,3 @@ def fisher_gains(whitened: WhitenedSVD, grad_moment: Tensor) -> Tensor:
 
 def budget_spent(ranks: dict[str, int], costs: dict[str, int]) -> int:
     return sum(r * costs[n] for n, r in ranks.items())
-
-
-@torch.no_grad()
-def loss_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD],
-                     probe: dict[str, int], batches: Sequence[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
-                     log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """``β[name] = ΔL / E``: the increase of the mean calibration loss when layer ``name`` alone is
-    replaced by its whitened rank-``probe[name]`` optimum, per unit of its output error ``E``.
-
-    Layers whose measured increase is not positive get the smallest positive ``β`` measured (they are
-    the least sensitive seen, not free); if none is positive, every ``β`` is 1.
-    """
-    def mean_loss() -> float:
-        return sum(float(loss_fn(model, b)) * b.shape[0] for b in batches) / sum(b.shape[0] for b in batches)
-
-    base = mean_loss()
-    rise: dict[str, float] = {}
-    for k, (name, layer) in enumerate(layers.items()):
-        kept = layer.weight.data
-        layer.weight.data = whitened[name].weight(probe[name]).to(kept)
-        try:
-            rise[name] = mean_loss() - base
-        finally:
-            layer.weight.data = kept
-        if log is not None:
-            log(f"  sensitivity {k + 1}/{len(layers)} {name}: rank {probe[name]} -> loss +{rise[name]:.4f}")
-    beta = {n: rise[n] / max(whitened[n].truncation_loss(probe[n]), 1e-300) for n in layers}
-    positive = [b for n, b in beta.items() if rise[n] > 0]
-    floor = min(positive) if positive else 1.0
-    return {n: (b if rise[n] > 0 else floor) if positive else 1.0 for n, b in beta.items()}

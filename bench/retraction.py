@@ -1,10 +1,20 @@
-"""Retraction cost: Householder QR + sign correction (SCT) vs Cholesky-QR (tsvd's default).
+"""Retraction cost. Two modes:
 
-Input: a random orthonormal factor ``Q0 (rows×r)`` after one Adam-sized step, ``A = Q0 + lr·sign(ξ)``
-(Adam's normalized update moves every entry by ≈ lr). Both routines get the same ``A``; timings are
-interleaved (hh, chol, hh, chol, ...) so background load hits both alike, and medians are reported.
+``--mode methods`` (default): Householder QR + sign correction (SCT) vs Cholesky-QR (tsvd's default) on
+one factor. Input: a random orthonormal factor ``Q0 (rows×r)`` after one Adam-sized step,
+``A = Q0 + lr·sign(ξ)`` (Adam's normalized update moves every entry by ≈ lr). Both routines get the same
+``A``; timings are interleaved (hh, chol, hh, chol, ...) so background load hits both alike, and medians
+are reported.
+
+``--mode floor``: the strict retraction against its arithmetic floor at the Llama-3-70B factor shapes
+(rank 32). Per shape, a set of same-shape factors is retracted by ``Retractor`` — stacked (batched:
+``TorchEngine``) and factor by factor (DeepSpeed) — and the floor is the best of the two bare GEMMs a
+Cholesky-QR retraction cannot avoid (Gram ``AᵀA`` and ``A·X``, ``4·m·r²`` flops, preallocated outputs,
+batched or per factor), all interleaved. Ratio = retraction / floor, per factor; the model total weights
+each shape by its count in the 70B model (1,124 factors).
 
     python bench/retraction.py --repeats 50 --threads 2
+    python bench/retraction.py --mode floor --threads 1 --repeats 15
 """
 
 from __future__ import annotations
@@ -19,10 +29,15 @@ import time
 
 import torch
 
-from tsvd.stiefel import REFINE_DRIFT, drift, gram, householder_qr, orthonormality_error, orthonormalize
+from tsvd.stiefel import REFINE_DRIFT, drift, gram, householder_qr, matmul, orthonormality_error, orthonormalize
 
 SHAPES = "8192x32,28672x32,8192x128,28672x128"  # Llama-3-70B projections at rank 32 and 128
 LRS = "1e-4,1e-3"  # SCT's lr, and a 10× larger step (drift 0.07–0.37: docs/results.md)
+#: rows of each rank-32 factor shape of the Llama-3-70B model and how many factors have it (80 layers:
+#: 9 of 8192 rows, 2 of 1024 (k, v outputs), 3 of 28672 per layer; embedding and head: 8192 and 128256).
+SHAPES_70B = {8192: 9 * 80 + 2, 1024: 2 * 80, 28672: 3 * 80, 128256: 2}
+#: bytes of same-shape factors timed per shape (at least two factors)
+FLOOR_SET_BYTES = 32 * 2**20
 
 
 def cpu_model() -> str:
@@ -77,6 +92,107 @@ def run_case(rows: int, r: int, lr: float, args) -> dict:
     )
 
 
+class _Factors(torch.nn.Module):
+    """``n`` spectral factors of shape ``rows × r`` (``n/2`` square spectral layers), for ``Retractor``."""
+
+    def __init__(self, rows: int, r: int, n: int) -> None:
+        super().__init__()
+        from tsvd.spectral import SpectralLinear
+
+        self.layers = torch.nn.ModuleList(SpectralLinear(rows, rows, r) for _ in range((n + 1) // 2))
+
+
+def floor_case(rows: int, r: int, lr: float, args) -> dict:
+    """Per-factor milliseconds of the stacked and the per-factor retraction and of the two-GEMM floor."""
+    from tsvd.retraction import Retractor, spectral_factors
+
+    n = max(2, FLOOR_SET_BYTES // (rows * r * 4) // 2 * 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # init: many small QRs
+    models = {k: _Factors(rows, r, n) for k in ("stacked", "per factor", "floor")}
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(args.seed)
+    step = lr * torch.randn(rows, r, generator=g).sign()
+    retractors = {"stacked": Retractor(models["stacked"], stack=True), "per factor": Retractor(models["per factor"])}
+    S = torch.stack(list(spectral_factors(models["floor"]).values())).detach()
+    X = torch.eye(r).expand(n, r, r).contiguous()
+    G, out = torch.empty(n, r, r), torch.empty_like(S)
+
+    def move(model) -> None:  # an Adam-sized step on every factor, outside the timed call
+        with torch.no_grad():
+            for p in spectral_factors(model).values():
+                p.add_(step)
+
+    def floor_batched() -> None:
+        matmul(S.mT, S, out=G)
+        matmul(S, X, out=out)
+
+    def floor_each() -> None:
+        for A, Gi, Xi, Oi in zip(S, G, X, out):
+            matmul(A.mT, A, out=Gi)
+            matmul(A, Xi, out=Oi)
+
+    fns = {"floor batched": floor_batched, "floor per factor": floor_each}
+    for name, ret in retractors.items():
+        fns[name] = ret
+    for _ in range(args.warmup):
+        for name, fn in fns.items():
+            if name in retractors:
+                move(models[name])
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            if name in retractors:
+                move(models[name])
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * statistics.median(v) / n for k, v in times.items()}
+    floor = min(ms["floor batched"], ms["floor per factor"])
+    err = max(float(orthonormality_error(p)) for p in spectral_factors(models["stacked"]).values())
+    return dict(rows=rows, r=r, n=n, ms=ms, floor_ms=floor, gflops=4 * rows * r * r / floor / 1e6,
+                ratio_stacked=ms["stacked"] / floor, ratio_each=ms["per factor"] / floor, ortho_err=err)
+
+
+def peak_gflops(repeats: int = 5) -> float:
+    """Best-of fp32 GEMM throughput of this machine (2048² · 2048), for reference."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main_floor(args) -> None:
+    rows_list = [int(s.lower().split("x")[0]) for s in args.shapes.split(",")] if args.shapes != SHAPES else list(SHAPES_70B)
+    r = args.rank
+    print(f"peak fp32 GEMM (2048³, best of 5): {peak_gflops():.1f} GFLOPS\n")
+    print("| factor | factors timed | floor: Gram + GEMM (ms/factor, GFLOPS) | floor batched / per factor (ms) "
+          "| stacked retraction (ms) | ratio | per-factor retraction (ms) | ratio | ortho err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    total = {"floor": 0.0, "stacked": 0.0, "per factor": 0.0}
+    for rows in rows_list:
+        c = floor_case(rows, r, args.lr, args)
+        ms = c["ms"]
+        print(f"| {rows}×{r} | {c['n']} | {c['floor_ms']:.3f} ({c['gflops']:.0f}) | {ms['floor batched']:.3f} / "
+              f"{ms['floor per factor']:.3f} | {ms['stacked']:.3f} | {c['ratio_stacked']:.2f}× | {ms['per factor']:.3f} | "
+              f"{c['ratio_each']:.2f}× | {c['ortho_err']:.1e} |", flush=True)
+        count = SHAPES_70B.get(rows, 0)
+        total["floor"] += count * c["floor_ms"]
+        total["stacked"] += count * ms["stacked"]
+        total["per factor"] += count * ms["per factor"]
+    if total["floor"]:
+        print(f"\n70B model ({sum(SHAPES_70B.values())} factors), weighted by shape counts: floor {total['floor']:.0f} ms, "
+              f"stacked {total['stacked']:.0f} ms ({total['stacked'] / total['floor']:.2f}×), per factor "
+              f"{total['per factor']:.0f} ms ({total['per factor'] / total['floor']:.2f}×); target ≤ 1.3×")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=50, help="timed calls per routine and case (default 50)")
@@ -85,6 +201,10 @@ def main() -> None:
     p.add_argument("--shapes", default=SHAPES, help=f"comma-separated ROWSxRANK (default {SHAPES})")
     p.add_argument("--lrs", default=LRS, help=f"comma-separated Adam step sizes (default {LRS})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("methods", "floor"), default="methods",
+                   help="methods: Householder vs Cholesky-QR per shape; floor: strict retraction vs its arithmetic floor")
+    p.add_argument("--rank", type=int, default=32, help="--mode floor: factor rank (default 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="--mode floor: Adam-sized step before each call (default 1e-4)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -94,6 +214,12 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; python {platform.python_version()}")
     print(f"load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.mode == "floor":
+        print(f"input: orthonormal factors + {args.lr:g}·sign(noise) before each call, fp32; {args.repeats} interleaved "
+              "repeats, median per call divided by the factors per call\n")
+        main_floor(args)
+        print(f"\nload average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     print(f"input: orthonormal Q0 + lr·sign(noise), fp32; {args.repeats} interleaved repeats, median per call\n")
     print("| shape | lr | drift ‖AᵀA−I‖_F | tsvd path | Householder+sign (ms) | Cholesky-QR (ms) | speed-up "
           "| ortho err HH | ortho err chol | max abs(Q_HH − Q_chol) |")

@@ -51,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tsvd.config import TrainConfig  # noqa: E402
-from tsvd.allocation import budget_spent, fisher_gains, greedy_ranks, rank_cost, uniform_ranks  # noqa: E402
+from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, uniform_ranks  # noqa: E402
 from tsvd.calibration import InputMoments, collect_output_gradients, next_token_loss, token_windows  # noqa: E402
 from tsvd.convert import LayerReport, matches_glob, replace_with_factors, spectralize  # noqa: E402
 from tsvd.whitening import whitened_svd  # noqa: E402
@@ -229,20 +229,6 @@ def cached_gradients(dense, windows, args) -> dict:
     return state
 
 
-def allocate(whitened: dict, grads: dict, costs: dict, budget: int, per_direction: bool) -> tuple[dict, dict]:
-    """The loss-aware allocation of ``tsvd.convert.loss_aware_ranks`` from cached gradient moments."""
-    gains, ordered = {}, {}
-    for name, w in whitened.items():
-        g = fisher_gains(w, grads[name])
-        if per_direction:
-            order = torch.argsort(g, descending=True, stable=True)
-            ordered[name], gains[name] = w.reordered(order), g[order]
-        else:
-            d = w.direction_loss()
-            ordered[name], gains[name] = w, d * (g.sum() / d.sum())
-    return ordered, greedy_ranks(gains, costs, budget)
-
-
 def arm_row(model, report, eval_tokens, val_tokens, args, **extra) -> dict:
     spent = sum(r.spectral_params for r in report)
     dense_p = sum(r.dense_params for r in report)
@@ -294,8 +280,8 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
                 report = spectralize(model, TARGETS[targets], params_ratio=ratio)
             else:
                 ws, ranks = ({n: whitened[n] for n in chosen}, uniform) if arm == "whitened-uniform" else \
-                    allocate({n: whitened[n] for n in chosen}, grads["moments"], costs, budget,
-                             arm == "loss-direction")
+                    loss_aware_allocation({n: whitened[n] for n in chosen}, grads["moments"], costs, budget,
+                                          arm == "loss-direction")
                 report = replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
             row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm,
                           convert_s=round(time.perf_counter() - t1, 1))
@@ -316,8 +302,8 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
                 report = spectralize(model, TARGETS["mlp"], params_ratio=ratio)
             else:
                 ws, ranks = ({n: whitened[n] for n in chosen}, uniform) if best["arm"] == "whitened-uniform" else \
-                    allocate({n: whitened[n] for n in chosen}, grads["moments"], costs, budget_spent(uniform, costs),
-                             best["arm"] == "loss-direction")
+                    loss_aware_allocation({n: whitened[n] for n in chosen}, grads["moments"], costs,
+                                          budget_spent(uniform, costs), best["arm"] == "loss-direction")
                 report = replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
             results["headline"] = headline(model, report, tok, eval_tokens, args, best)
             save()

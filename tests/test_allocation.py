@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tsvd import UserError
-from tsvd.allocation import (budget_spent, check_ratio, fisher_gains, greedy_ranks, rank_cost, ratio_budget,
-                             uniform_ranks)
+from tsvd.allocation import (budget_spent, check_ratio, fisher_gains, greedy_ranks, loss_aware_allocation, rank_cost,
+                             ratio_budget, uniform_ranks)
 from tsvd.calibration import collect_output_gradients
 from tsvd.whitening import whitened_svd
 
@@ -92,18 +92,20 @@ def test_fisher_gains_prefer_the_layer_whose_truncation_hurts_the_loss_more():
     assert all(torch.equal(lin.weight, before[n]) and lin.weight.grad is None for n, lin in layers.items())
     gains = {n: fisher_gains(w, grads.moment(n)) for n, w in whitened.items()}
     torch.testing.assert_close(gains["A"], 625 * gains["B"], rtol=1e-6, atol=0)
-    costs = {n: rank_cost(8, 8) for n in layers}
-    order = {n: torch.argsort(gains[n], descending=True) for n in layers}
-    ranks = greedy_ranks({n: gains[n][order[n]] for n in layers}, costs, 8 * costs["A"])
-    assert ranks["A"] > ranks["B"] and ranks["A"] + ranks["B"] == 8
 
     @torch.no_grad()
-    def loss_at(rs):  # the model's loss with each layer at its rank
+    def loss_at(svds, rs):  # the model's loss with each layer at its rank
         for n, lin in layers.items():
-            lin.weight.data = whitened[n].reordered(order[n]).weight(rs[n]).float()
+            lin.weight.data = svds[n].weight(rs[n]).float()
         out = sum(float(loss_fn(model, x)) for x in xs)
         for n, lin in layers.items():
             lin.weight.data = before[n]
         return out
 
-    assert loss_at(ranks) < loss_at({"A": 4, "B": 4})
+    costs = {n: rank_cost(8, 8) for n in layers}
+    for per_direction in (False, True):
+        ordered, ranks = loss_aware_allocation(whitened, {n: grads.moment(n) for n in layers}, costs,
+                                               8 * costs["A"], per_direction)
+        assert ranks["A"] > ranks["B"] and ranks["A"] + ranks["B"] == 8
+        assert loss_at(ordered, ranks) < loss_at(whitened, {"A": 4, "B": 4})
+

@@ -80,5 +80,26 @@ def fisher_gains(whitened: WhitenedSVD, grad_moment: Tensor) -> Tensor:
     return whitened.direction_loss() * curvature.clamp_min(0)
 
 
+def loss_aware_allocation(whitened: dict[str, WhitenedSVD], grad_moments: dict[str, Tensor], costs: dict[str, int],
+                          budget: int, per_direction: bool = False) -> tuple[dict[str, WhitenedSVD], dict[str, int]]:
+    """``(SVDs, ranks)`` spending ``budget`` by the Fisher-weighted loss of each direction (``fisher_gains``).
+
+    ``per_direction=False`` keeps each layer's whitened order (optimal for its own output error) and
+    scales its ``σᵢ²`` by the layer's mean curvature ``Σ σᵢ² pᵢᵀGpᵢ / Σ σᵢ²``; ``True`` keeps, in every
+    layer, the directions of largest estimated loss (the SVDs come back reordered, so that a rank keeps
+    a prefix).
+    """
+    gains, ordered = {}, {}
+    for name, w in whitened.items():
+        g = fisher_gains(w, grad_moments[name])
+        if per_direction:
+            order = torch.argsort(g, descending=True, stable=True)
+            ordered[name], gains[name] = w.reordered(order), g[order]
+        else:
+            d = w.direction_loss()
+            ordered[name], gains[name] = w, d * (g.sum() / d.sum().clamp_min(1e-300))
+    return ordered, greedy_ranks(gains, costs, budget)
+
+
 def budget_spent(ranks: dict[str, int], costs: dict[str, int]) -> int:
     return sum(r * costs[n] for n, r in ranks.items())

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from tsvd.allocation import budget_spent, check_ratio, fisher_gains, greedy_ranks, rank_cost, ratio_budget, uniform_ranks
+from tsvd.allocation import (budget_spent, check_ratio, loss_aware_allocation, rank_cost, ratio_budget,
+                             uniform_ranks)
 from tsvd.calibration import collect_moments, collect_output_gradients, next_token_loss
 from tsvd.errors import UserError
 from tsvd.spectral import INITS, SpectralLinear, check_rank
@@ -204,27 +205,14 @@ def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: d
                      batches: Sequence[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
                      per_direction: bool = False, log: Callable[[str], None] | None = None
                      ) -> tuple[dict[str, WhitenedSVD], dict[str, int]]:
-    """Spend ``budget`` parameters where the model's loss rises most per parameter.
-
-    One backward pass over ``batches`` gives each layer's output-gradient moment ``G``; dropping
-    whitened direction ``i`` then costs ``σᵢ² pᵢᵀ G pᵢ`` of loss (``tsvd.allocation.fisher_gains``).
-    ``per_direction=False`` keeps each layer's whitened order and scales its ``σᵢ²`` by the layer's
-    mean curvature ``Σ σᵢ² pᵢᵀGpᵢ / Σ σᵢ²``; ``True`` keeps, in every layer, the directions of largest
-    estimated loss (the returned SVDs are reordered so that ranks keep prefixes).
-    """
+    """Spend ``budget`` parameters where the model's loss rises most per parameter: one backward pass
+    over ``batches`` gives each layer's output-gradient moment ``G``, and dropping whitened direction
+    ``i`` costs about ``σᵢ² pᵢᵀ G pᵢ`` of loss (``tsvd.allocation.loss_aware_allocation``)."""
     t0 = time.perf_counter()
     grads = collect_output_gradients(model, layers, batches, loss_fn)
     costs = {n: rank_cost(lin.in_features, lin.out_features) for n, lin in layers.items()}
-    gains, ordered = {}, {}
-    for name, w in whitened.items():
-        g = fisher_gains(w, grads.moment(name))
-        if per_direction:
-            order = torch.argsort(g, descending=True, stable=True)
-            ordered[name], gains[name] = w.reordered(order), g[order]
-        else:
-            d = w.direction_loss()
-            ordered[name], gains[name] = w, d * (g.sum() / d.sum().clamp_min(1e-300))
-    ranks = greedy_ranks(gains, costs, budget)
+    ordered, ranks = loss_aware_allocation(whitened, {n: grads.moment(n) for n in layers}, costs, budget,
+                                           per_direction)
     if log is not None:
         log(f"loss-aware ranks {min(ranks.values())}-{max(ranks.values())}, {budget_spent(ranks, costs):,} of "
             f"{budget:,} parameters ({len(batches)} backward passes, {time.perf_counter() - t0:.1f} s)")

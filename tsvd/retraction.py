@@ -9,10 +9,11 @@ factorization: nothing is factorized twice.
 Two ways to do the arithmetic:
 
 * ``stack=True`` (the single-process engine): the Retractor owns the factors' storage. Same-shape
-  factors live as views of a few contiguous stacks (≤ ``STACK_BYTES`` each), so each stack is one
-  batched Gram, one batched Cholesky and one batched GEMM into a reused scratch stack, copied back
-  while hot in cache (``tsvd.stiefel.orthonormalize_into``). Parameters keep their (stacked) storage
-  from the first call on; a factor given new storage (a rank change, ``.to()``) is re-stacked.
+  factors live as views of a few stacks (≤ ``STACK_BYTES`` each, every factor 64-byte aligned), so
+  each stack is one batched Gram, one batched Cholesky and one batched GEMM
+  (``tsvd.stiefel.orthonormalize_into``) into a spare stack of the same shape, which then becomes the
+  factors' storage (the old one is the next spare: nothing is copied back). A factor given new storage
+  (a rank change, ``.to()``) is re-stacked. Results are bitwise those of the per-factor path.
 * ``stack=False`` (DeepSpeed, whose ZeRO buffers own the storage): factor by factor into a scratch
   buffer, each result handed to a ``write`` callback (``tsvd.stiefel.orthonormalize_each``).
 
@@ -60,6 +61,8 @@ STACK_BYTES = 8 * 2**20
 #: Well inside one Cholesky-QR pass's range (``tsvd.stiefel.REFINE_DRIFT`` = 0.5); at 0.1 the
 #: singular values of a factor stay within ±5% of 1, so ``s`` stays within 5% of the spectrum.
 DRIFT_LIMIT = 0.1
+#: Byte alignment of each factor in a stack (that of torch's CPU allocator).
+STACK_ALIGN = 64
 
 #: Measured ``‖QᵀQ − I‖_F`` above which a retracted factor is repaired by a full Householder QR.
 #: A good fp32 retraction leaves 0.6–2.2e-6 (bench/retraction.py, docs/results.md); fp64 ~1e-14.
@@ -183,7 +186,7 @@ class RetractionSchedule:
 
 @dataclass
 class _Stack:
-    """Same-shape factors stored as the rows of one contiguous ``(n, m, r)`` tensor (``param.data`` is
+    """Same-shape factors stored as the rows of one ``(n, m, r)`` tensor (``_new_stack``; ``param.data`` is
     ``data[i]``); ``ptrs`` their data pointers, to notice a factor that was given new storage."""
 
     names: list[str]
@@ -374,7 +377,7 @@ class Retractor:
         if spare is None and not exact:
             spare = next((b for k, b in self._spares.items() if k[1:] == key[1:] and k[0] >= key[0]), None)
         if spare is None:
-            spare = self._spares[key] = torch.empty_like(A, memory_format=torch.contiguous_format)
+            spare = self._spares[key] = _new_stack(A.shape[0], A[0])
         return spare
 
     def _layout(self) -> list[_Stack]:
@@ -395,8 +398,9 @@ class Retractor:
             per = max(1, self.stack_bytes // (p0.numel() * p0.element_size()))
             for i in range(0, len(names), per):
                 chunk = names[i:i + per]
-                data = torch.stack([factors[n].detach() for n in chunk])
+                data = _new_stack(len(chunk), factors[chunk[0]])
                 for n, row in zip(chunk, data.unbind(0)):
+                    row.copy_(factors[n].detach())
                     factors[n].data = row
                 self._stacks.append(_Stack(chunk, data, [factors[n].data_ptr() for n in chunk]))
         return self._stacks
@@ -420,6 +424,16 @@ class Retractor:
 def retract_(model: nn.Module, method: str = "cholesky") -> RetractionReport:
     """Orthonormalize every spectral factor of ``model`` in place (its own storage), once."""
     return Retractor(model, method)()
+
+
+def _new_stack(n: int, like: Tensor) -> Tensor:
+    """An uninitialized ``(n, m, r)`` stack for factors shaped like ``like``: each ``(m, r)`` row is
+    contiguous and starts on a ``STACK_ALIGN``-byte boundary, as a tensor of its own would. (Kernels
+    round differently on misaligned data — vectorized body vs scalar tail — so an unaligned row would
+    train a hair differently from the same factor stored alone.)"""
+    m, r = like.shape
+    per = -(-m * r * like.element_size() // STACK_ALIGN) * STACK_ALIGN // like.element_size()
+    return torch.empty(n * per, dtype=like.dtype, device=like.device).as_strided((n, m, r), (per, r, 1))
 
 
 def _key(stack: Tensor) -> tuple:

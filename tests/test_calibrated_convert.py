@@ -135,3 +135,23 @@ def test_unknown_model_type_is_one_line_exit_2(tmp_path, capsys):
                  str(tmp_path / "calib.txt")]) == 2
     one_error_line(capsys)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_calibration_from_a_prepared_dataset_is_its_text_in_the_models_tokens(llama_with_tokenizer, tmp_path):
+    from tsvd.config import DataConfig
+    from tsvd.data import load_data, prepare_data
+    from tsvd.hf.conversion import calibration_windows
+    from tsvd.hf.loading import load_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):  # enough documents for the validation split's floor
+        (corpus / f"d{i:02d}.txt").write_text(words(40, seed=i) + "\n")
+    data = tmp_path / "data"
+    prepare_data(DataConfig(dir=str(data), corpus=[str(corpus)], tokenizer="byte", val_fraction=0.1), progress=False)
+    tok = load_tokenizer(llama_with_tokenizer)
+    windows = calibration_windows(data, tok, n_tokens=300, seq_len=100, batch_size=2)
+    ds = load_data(data)
+    expected = tok(ds.tokenizer.decode(ds.train.tolist()), add_special_tokens=False)["input_ids"]
+    got = torch.cat([w[:, :-1].reshape(-1) for w in windows]).tolist()
+    assert len(got) == 300 and got == expected[:300]

@@ -141,9 +141,9 @@ def run_all(runs: list[Run], common: list[str], out: Path, jobs: int, data_dir: 
     return info
 
 
-def prepare(common: list[str], data_dir: Path | None) -> None:
+def prepare(common: list[str], data_dir: Path | None, base: Path = BASE) -> None:
     """Build the dataset once, before the runs start (not concurrently in several processes)."""
-    cmd = [sys.executable, "-m", "tsvd.cli", "prepare", str(BASE), "--no-progress"]
+    cmd = [sys.executable, "-m", "tsvd.cli", "prepare", str(base), "--no-progress"]
     for s in common + ([f"data.dir={data_dir}"] if data_dir else []):
         cmd += ["--set", s]
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -252,9 +252,16 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Pretraining quality: dense vs SCT vs TSVD")
-    finals = [r["val_loss"] for r in rows if math.isfinite(r["val_loss"])]
+    save_plot(fig, ax, [r["val_loss"] for r in rows], 1.5, path)
+
+
+def save_plot(fig, ax, finals: list[float], span: float, path: Path) -> None:
+    """Frame the y axis from the best final loss to ``span`` above it, add grid and legend, save, close."""
+    import matplotlib.pyplot as plt
+
+    finals = [v for v in finals if math.isfinite(v)]
     if finals:
-        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
+        ax.set_ylim(min(finals) - 0.1, min(finals) + span)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -280,16 +287,21 @@ def write_docs(md: str, rows: list[dict], command: str, out: Path) -> None:
                       for k, v in r["final_ranks"].items()) for r in rows if r["final_ranks"] and r["group"] != "sct")
     block = (f"{BEGIN}\nCommand: `{command}`\n\n{md}\n![validation loss](img/quality_val_loss.png)\n\n"
              f"{ranks}\n{END}")
-    path = ROOT / "docs" / "results.md"
+    write_section(ROOT / "docs" / "results.md", SECTION, BEGIN, END, block)
+
+
+def write_section(path: Path, section: str, begin: str, end: str, block: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) into the markdown file ``path``: in
+    place of an earlier block, else right under the heading ``section``, else in a new section at the end."""
     text = path.read_text() if path.is_file() else "# Results\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
+    if begin in text and end in text:
+        a, b = text.index(begin), text.index(end) + len(end)
         text = text[:a] + block + text[b:]
-    elif SECTION in text:
-        i = text.index(SECTION) + len(SECTION)
+    elif section in text:
+        i = text.index(section) + len(section)
         text = text[:i] + "\n\n" + block + "\n" + text[i:]
     else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+        text = text.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     path.write_text(text)
 
 

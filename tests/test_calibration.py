@@ -102,3 +102,12 @@ def test_output_gradient_moments_are_the_gradients_second_moments():
         torch.testing.assert_close(moments.moment(name), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="received no gradient"):
         moments.moment("gate")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_upper_gram_is_the_upper_triangle_of_the_product(dtype):
+    from tsvd.calibration import upper_gram
+    rows = torch.randn(37, 9, generator=torch.Generator().manual_seed(5)).to(dtype)
+    full = rows.double().T @ rows.double()
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(upper_gram(rows).double().triu(), full.triu(), rtol=tol, atol=tol)

@@ -101,6 +101,25 @@ def test_retraction_allocates_no_full_size_temporaries():
     assert {n: p.data_ptr() for n, p in factors.items()} == ptrs  # written back in place
 
 
+def test_stacked_retraction_allocates_only_small_matrices_after_the_first_call():
+    model = stack_of_layers()
+    factors = spectral_factors(model)
+    retractor = Retractor(model, stack=True)
+    retractor()  # lays the factors out in stacks and allocates one spare per stack shape
+    storages = {p.untyped_storage().data_ptr() for p in factors.values()}
+    storages |= {b.untyped_storage().data_ptr() for b in retractor._spares.values()}
+    with torch.no_grad():
+        for p in factors.values():
+            p.add_(1e-3 * torch.randn_like(p).sign())
+    with AllocationCounter() as count:
+        report = retractor()
+    assert len(report.retracted) == len(factors) and not report.fallbacks
+    smallest = min(p.numel() * p.element_size() for p in factors.values())
+    assert [n for n in count.sizes if n >= smallest] == []  # Grams, r×r factors, drifts: nothing factor-sized
+    now = {p.untyped_storage().data_ptr() for p in factors.values()}
+    assert now <= storages  # the result went into a spare stack that was already there
+
+
 def test_bench_smoke_runs_every_path_and_reports_targets(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "llama70b_step.py"), "--layers", "2", "--rank", "4", "--steps", "2",
            "--threads", "1", "--set", "model.dim=64", "--set", "model.ffn_dim=96", "--set", "model.vocab_size=300",

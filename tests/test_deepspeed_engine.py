@@ -429,3 +429,12 @@ def test_skeleton_materializes_a_plain_copy_with_new_values():
     assert torch.equal(copy.rope_cos, model.rope_cos)
     x = torch.zeros(1, 3, dtype=torch.long)
     assert copy(x, x)[1].isfinite()
+
+
+def test_chunks_by_bytes_bound_each_gather_and_keep_the_order():
+    from tsvd.engine.zero_params import chunks_by_bytes
+
+    sizes = [4, 4, 10, 1, 1, 1]  # fp32 elements: 16, 16, 40, 4, 4, 4 bytes
+    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(n))) for i, n in enumerate(sizes)]
+    chunks = [[name for name, _ in c] for c in chunks_by_bytes(params, limit=32)]
+    assert chunks == [["p0", "p1"], ["p2"], ["p3", "p4", "p5"]]  # a parameter over the limit goes alone

@@ -10,13 +10,15 @@ runs ``tsvd.cli`` exactly as ``python -m tsvd.cli`` would. ``TSVD_TEST_BLOCK`` s
   rank or only on ``RANK``;
 - ``die:N[:RANK]`` — the same, but the process SIGKILLs itself (a crashed rank).
 
-A blocked child writes the marker file ``TSVD_TEST_READY``. Every launch runs in its own session; on
+A blocked child writes the marker file ``TSVD_TEST_READY``. ``launch_script`` runs the repository's
+``launch/multi_gpu.sh`` instead (CPU ranks) and can send SIGTERM to the ranks or the whole job mid-run. Every launch runs in its own session; on
 return, on failure and on timeout the whole process tree is SIGKILLed (``torchrun`` starts its workers
 in sessions of their own, so killing a process group is not enough).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -179,3 +181,62 @@ def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch_script(args: list[str], workdir: Path, nproc: int = 2, signal_at: int = 0, to: str = "ranks",
+                  timeout: float = 300) -> Launch:
+    """``launch/multi_gpu.sh ARGS`` with ``nproc`` CPU processes (the DeepSpeed launcher; ``DS_ACCELERATOR=cpu``)
+    in a session of its own. With ``signal_at``: once ``metrics.jsonl`` in the run's ``out_dir`` (``--set
+    out_dir=…`` in ARGS) logs a training step ≥ ``signal_at``, send SIGTERM to the ranks (``to="ranks"``)
+    or to every process of the job, launchers included (``to="job"``, as SLURM preempts a job)."""
+    out_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("out_dir=")))
+    log = workdir / f"script-{time.monotonic_ns()}.log"
+    env = child_env(DS_ACCELERATOR="cpu", NUM_GPUS=str(nproc), TORCH_EXTENSIONS_DIR=str(workdir / "torch_extensions"),
+                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", str(REPO / "launch" / "multi_gpu.sh"), *args], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    job: list[psutil.Process] = []
+    try:
+        while signal_at and proc.poll() is None and _logged_step(out_dir) < signal_at:
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"no step {signal_at} after {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        if signal_at and proc.poll() is None:
+            job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            ranks = [p for p in job if _runs_module(p.cmdline(), "tsvd.cli")]
+            assert len(ranks) == nproc, [p.cmdline() for p in job]
+            for p in ranks if to == "ranks" else job:
+                os.kill(p.pid, signal.SIGTERM)
+        proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        # The launcher may die first (SIGTERM to the whole job): wait for every process of the job.
+        _, alive = psutil.wait_procs(job, timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        assert not alive, f"still running after {timeout} s: {[p.cmdline() for p in alive]}"
+    finally:
+        returncode, ended = proc.poll(), time.time()
+        for p in job:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        kill_tree(proc)
+    return Launch(returncode, ended, log.read_text(), "")
+
+
+def _runs_module(cmdline: list[str], module: str) -> bool:
+    """``python … -m MODULE …`` (the ranks; the launchers name the module only as an argument)."""
+    return any(a == "-m" and b == module for a, b in zip(cmdline, cmdline[1:]))
+
+
+def _logged_step(out_dir: Path) -> int:
+    """The last training step in ``out_dir/metrics.jsonl`` (0 if none yet; a half-written line is skipped)."""
+    step = 0
+    path = out_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if '"train/loss"' in line:
+            try:
+                step = max(step, json.loads(line)["step"])
+            except json.JSONDecodeError:
+                pass
+    return step

@@ -29,7 +29,7 @@ import torch
 import tsvd
 from conftest import tiny_raw
 from ds_common import poison_s, sloppy_retraction
-from killable import kill_when_blocked, launch, run_cli, write_config
+from killable import kill_when_blocked, launch, launch_script, run_cli, write_config
 from tsvd import checkpoint as ckpt
 from tsvd.cli import main
 from tsvd.config import load_config
@@ -38,7 +38,7 @@ from tsvd.errors import UserError
 from tsvd.metrics import read_jsonl
 from tsvd.retraction import Retractor, repair_tolerance, spectral_factors
 from tsvd.stiefel import orthonormality_error
-from tsvd.trainer import Trainer
+from tsvd.trainer import STOPPED_EXIT_CODE, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("train.threads=1",)
@@ -535,3 +535,90 @@ def test_deepspeed_checkpoint_loader_refuses_pickled_code(tmp_path, deepspeed_en
     assert not marker.exists()
     torch.save({"module": {"w": torch.ones(2)}}, path)
     assert torch.equal(weights_only_loader(str(path))["module"]["w"], torch.ones(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption of a multi-process run (launch/multi_gpu.sh: the DeepSpeed launcher, two CPU ranks, ZeRO-2)
+
+
+PREEMPT = (*FAST, "train.steps=24", "train.log_interval=1", "train.checkpoint_interval=100", "train.eval_interval=8",
+           "engine.timeout_s=60", "rank.policy=energy", "rank.warmup_steps=4", "rank.interval=4", "rank.energy=0.9")
+
+
+def stopped_at(log: str) -> int:
+    """The step of the one ``tsvd: stopped at step N on SIGTERM`` line (rank 0's) in a launch log."""
+    lines = [line for line in log.splitlines() if line.startswith("tsvd: stopped at step")]
+    assert len(lines) == 1, log[-3000:]
+    assert log.count("SIGTERM: stopping after this step with a checkpoint") == 1, log[-3000:]
+    return int(re.match(r"tsvd: stopped at step (\d+) on SIGTERM with checkpoint ", lines[0]).group(1))
+
+
+def test_preempted_two_process_run_stops_together_saves_and_resumes_exactly(tmp_path, deepspeed_engine):
+    """(1) SIGTERM to every process of the job, as SLURM preempts one (the launcher passes it on to ranks
+    that got it already: that copy is not a second signal): both ranks stop at the same step boundary and
+    save one checkpoint of it. (2) Resumed, then SIGTERM to the ranks only: the same, and the job's exit
+    status is 75 (``STOPPED_EXIT_CODE``) through the launcher. (3) Resumed to the end: every loss,
+    validation loss and rank change equals the uninterrupted two-process run's, bitwise; no step ran twice."""
+    config = write_config(tmp_path / "run.yaml", tiny_raw(tmp_path), *PREEMPT)
+
+    def run(name: str, **kwargs):
+        return launch_script([str(config), "--set", f"out_dir={tmp_path / name}"], tmp_path, **kwargs)
+
+    ref = run("ref")
+    assert ref.returncode == 0, ref.log[-3000:]
+    ref_losses = {step: v[0] for step, v in losses_by_step(tmp_path / "ref").items()}
+    assert sorted(ref_losses) == list(range(1, 25))
+    root = tmp_path / "cut" / "checkpoints"
+
+    job = run("cut", signal_at=3, to="job")
+    first = stopped_at(job.log)
+    assert 3 <= first < 24 and ckpt.latest_checkpoint(root).name == ckpt.step_dir_name(first)
+
+    ranks = run("cut", signal_at=first + 3, to="ranks")
+    assert ranks.returncode == STOPPED_EXIT_CODE == 75, ranks.log[-3000:]
+    second = stopped_at(ranks.log)
+    assert first + 3 <= second < 24 and ckpt.latest_checkpoint(root).name == ckpt.step_dir_name(second)
+
+    last = run("cut")
+    assert last.returncode == 0, last.log[-3000:]
+    logged = losses_by_step(tmp_path / "cut")
+    assert {step: v for step, v in logged.items()} == {step: [loss] for step, loss in ref_losses.items()}
+    assert val_losses(tmp_path / "cut") == val_losses(tmp_path / "ref")
+    changes = events(tmp_path / "ref", "rank_change")
+    assert changes and events(tmp_path / "cut", "rank_change") == changes
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_config, monkeypatch, default_sigint):
+    """SIGTERM asks for a checkpoint at the step boundary; a second SIGTERM while that checkpoint is being
+    written (after ``REPEAT_S``) stops at once: nothing half-written is published, ``latest`` stays the
+    previous good checkpoint and resumes. A repeat within ``REPEAT_S`` is the same request (no effect)."""
+    from tsvd import trainer as trainer_module
+
+    cfg = tiny_config(*FAST, "train.steps=8", "train.checkpoint_interval=2", "train.eval_interval=100")
+    cut = Trainer(cfg, progress=False)
+    real_step, real_save = cut.engine.train_step, cut.engine.save
+
+    def signal_twice_inside_step(*args, **kwargs):
+        if cut.step == 2:  # inside step 3: a signal and its copy from a launcher
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    def save_then_signal(path, client_state):
+        real_save(path, client_state)
+        if cut.step == 3:  # the stop's checkpoint is written but not published: the second signal lands
+            monkeypatch.setattr(trainer_module, "REPEAT_S", 0.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cut.engine, "train_step", signal_twice_inside_step)
+    monkeypatch.setattr(cut.engine, "save", save_then_signal)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        cut.fit()
+    cut.close()
+    assert type(stop.value) is KeyboardInterrupt  # not a clean Stopped: the save was cut short
+    assert cut.step == 3 and ckpt.latest_checkpoint(cut.ckpt_root).name == "step-00000002"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.undo()
+    resumed = Trainer(cfg, progress=False)
+    assert resumed.step == 2
+    resumed.close()

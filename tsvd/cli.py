@@ -28,7 +28,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tsvd.config import load_config
-    from tsvd.trainer import TrainingError, train
+    from tsvd.trainer import STOPPED_EXIT_CODE, Stopped, TrainingError, train
 
     cfg = load_config(args.config, args.overrides)
     resume = None if args.fresh else (args.resume or "auto")
@@ -37,6 +37,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"tsvd: training stopped: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:  # SIGINT / SIGTERM: every rank stopped at one step boundary with a checkpoint
+        if e.is_main:
+            print(f"tsvd: stopped at step {e.step} on {e.signal_name} with checkpoint {e.checkpoint}; "
+                  "run the same command again to resume", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     if summary.is_main and not math.isnan(summary.val_loss):
         print(f"done: step {summary.step}, val loss {summary.val_loss:.4f} "
               f"(ppl {math.exp(min(summary.val_loss, 50)):.2f}; unigram baseline {summary.unigram_loss:.4f}), "

@@ -41,33 +41,55 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is usable."""
 
 
+STOPPED_EXIT_CODE = 75  # `tsvd train` stopped on a signal with a checkpoint at a step boundary (EX_TEMPFAIL: run again)
+REPEAT_S = 2.0  # a signal this soon after the first is the same request delivered twice, not "stop at once"
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on SIGINT / SIGTERM at a step boundary, every rank at the same ``step``, after
+    saving ``checkpoint`` (a ``KeyboardInterrupt``, so plain callers see an interrupt)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name, self.step, self.checkpoint, self.is_main = signal_name, 0, None, True
+
+
 class _StopRequest:
-    """Deferred SIGINT / SIGTERM and where the loop stands. While installed (single process, main thread),
-    the first Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM preempt a job) only sets
-    ``requested``: the loop finishes the current step and stops at its end with a checkpoint. A second
-    one interrupts at once (no checkpoint if that is inside a step). A signal whose handler is not the
-    default one is left alone. ``at_boundary``: model, optimizer and sampler are exactly "after step
-    ``trainer.step``". ``restore()`` puts the handlers back."""
+    """Deferred SIGINT / SIGTERM and where the loop stands (installed in the main thread of every rank).
+
+    The first Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM preempt a job) only sets
+    ``requested``. At every step boundary the ranks agree (``Engine.any_rank``: one small all-reduce
+    when there are several) whether any of them got one; if so every rank stops there (``Stopped``) and
+    the trainer saves one checkpoint of that step. A second signal interrupts at once (no checkpoint if
+    that is inside a step) — unless it comes within ``REPEAT_S`` of the first: launchers pass a signal on
+    to workers that often got it already (a terminal's Ctrl-C reaches the whole process group, a
+    scheduler signals every process of the job), and that copy is not a second request. A signal whose
+    handler is not the default one is left alone. ``at_boundary``: model, optimizer and sampler are
+    exactly "after step ``trainer.step``". ``restore()`` puts the handlers back."""
 
     DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.requested, self.previous, self.at_boundary = False, {}, True
-        if enabled and threading.current_thread() is threading.main_thread():
+    def __init__(self, announce: bool = True) -> None:
+        self.requested, self.previous, self.at_boundary = None, {}, True  # requested: (signal name, time)
+        self.announce = announce  # say so on receiving the first signal (rank 0)
+        if threading.current_thread() is threading.main_thread():
             for signum, default in self.DEFAULTS.items():
                 if signal.getsignal(signum) is default:
                     self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if time.monotonic() - self.requested[1] < REPEAT_S:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        say(f"{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+        self.requested = (signal.Signals(signum).name, time.monotonic())
+        if self.announce:
+            say(f"{self.requested[0]}: stopping after this step with a checkpoint (again to stop at once)")
 
-    def check(self) -> None:
-        """At a step boundary: stop (``KeyboardInterrupt``) when a stop was requested."""
-        if self.requested:
-            raise KeyboardInterrupt
+    def check(self, engine) -> None:
+        """At a step boundary (every rank): ``Stopped`` when any rank got a signal."""
+        if engine.any_rank(self.requested is not None):
+            raise Stopped(self.requested[0] if self.requested else "a signal to another rank")
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -240,7 +262,7 @@ class Trainer:
         run = self._start_run()
         with self._stoppable(run) as stop:
             while self.step < last:
-                stop.check()
+                stop.check(self.engine)
                 n, stop.at_boundary = self.step + 1, False
                 micro = [next(self.sampler) for _ in range(t.grad_accum)]
                 with self._sketch(when.should_decide_ranks(n)) as sketch:
@@ -301,9 +323,13 @@ class Trainer:
     def _stoppable(self, run: "_Run"):
         """Around the loop: deferred Ctrl-C / SIGTERM with a checkpoint at the step boundary, and one
         readable line when a collective operation fails in a multi-process run."""
-        stop = _StopRequest(enabled=self.engine.world_size == 1)
+        stop = _StopRequest(announce=self.engine.is_main)
         try:
             yield stop
+        except Stopped as e:  # every rank agreed to stop here: one consistent checkpoint
+            e.step, e.is_main = self.step, self.engine.is_main
+            e.checkpoint = self._save_on_interrupt(True, agreed=True)
+            raise
         except KeyboardInterrupt:
             self._save_on_interrupt(stop.at_boundary)
             raise
@@ -319,21 +345,22 @@ class Trainer:
             stop.restore()
             run.progress.close()
 
-    def _save_on_interrupt(self, at_boundary: bool) -> None:
+    def _save_on_interrupt(self, at_boundary: bool, agreed: bool = False) -> Path | None:
         """Checkpoint an interrupted run, but only at a step boundary: a state caught inside a step (an
         optimizer update applied but not yet retracted or counted, the sampler already advanced) would not
-        resume exactly. Multi-process runs never save here (the ranks may stand at different points, and a
-        checkpoint is collective); they resume from the last periodic checkpoint."""
+        resume exactly. Several processes save only when they ``agreed`` to stop at this boundary (a
+        checkpoint is collective); an interrupt that is not agreed leaves them at different points, and
+        they resume from the last periodic checkpoint. Returns the checkpoint of this step, if any."""
         latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if not at_boundary or self.engine.world_size > 1:
+        if not at_boundary or (self.engine.world_size > 1 and not agreed):
             if self.engine.is_main:
                 say(f"interrupted in the middle of a step: not saving; the last checkpoint is {latest}")
-            return
+            return None
         if latest is not None and latest.name == ckpt.step_dir_name(self.step):
-            return  # already saved at this step
+            return latest  # already saved at this step
         if self.engine.is_main:
-            say(f"interrupted at step {self.step}: saving a checkpoint")
-        self.save()
+            say(f"stopping at step {self.step}: saving a checkpoint")
+        return self.save()
 
     def _sketch(self, due: bool):
         if not due or self.cfg.rank.grow_directions != "gradient":

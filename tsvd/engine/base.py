@@ -89,5 +89,9 @@ class Engine(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
+    def any_rank(self, flag: bool) -> bool:
+        """``True`` on every rank when ``flag`` is true on any rank (collective; one process: ``flag``)."""
+        return flag
+
     def close(self) -> None:
         """Release resources (process groups, engines)."""

@@ -400,6 +400,11 @@ class DeepSpeedEngine(Engine):
     def barrier(self) -> None:
         dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        votes = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(votes)
+        return bool(votes.item() > 0)
+
     def close(self) -> None:
         """Destroy the DeepSpeed engine and the process group (the object is unusable afterwards)."""
         self._teardown()

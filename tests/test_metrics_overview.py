@@ -152,3 +152,59 @@ def test_layer_cards_none_keeps_aggregates_and_images(tiny_config):
 def test_custom_layout_lists_every_type_even_without_cards():
     layout = custom_layout(["layers.0.attn.q", "lm_head"])
     assert list(layout) == ["model", "type q", "type lm_head"]
+
+
+def test_tensorboard_shows_the_overview_in_a_headless_browser(tiny_config, tmp_path):
+    """TensorBoard's own page for a run, rendered by headless Chromium: the Images tab shows the
+    overview (viridis cells), the Custom Scalars tab draws the layout's charts (TensorBoard's line
+    colour). Skipped where Chromium is not installed (``apt-get install chromium``)."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from PIL import Image
+
+    from killable import kill_tree
+    from tsvd.distributed import free_port
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs chromium")
+    cfg = tiny_config(*ADAPTIVE, "train.steps=6")
+    train(cfg, progress=False)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", f"{cfg.out_dir}/tb", "--port",
+                               str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout") as r:
+                    if b"type q" in r.read():
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "TensorBoard did not serve the layout"
+            time.sleep(0.5)
+
+        def screenshot(tab: str) -> np.ndarray:
+            png = tmp_path / f"{tab}.png"
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                            "--window-size=1400,1600", "--virtual-time-budget=20000", f"--screenshot={png}",
+                            f"http://127.0.0.1:{port}/#{tab}"], capture_output=True, timeout=180, check=True)
+            return np.asarray(Image.open(png).convert("RGB")).astype(int)[100:]  # below the header bar
+
+        from matplotlib import colormaps
+
+        viridis = (colormaps["viridis"](np.linspace(0, 1, 64))[:, :3] * 255).astype(int)
+        body = screenshot("images").reshape(-1, 3)
+        coloured = body[np.ptp(body, axis=1) > 40]  # not grey / white
+        near = np.abs(coloured[:, None, :] - viridis[None]).sum(-1).min(1) < 30
+        assert near.sum() > 500, near.sum()  # the overview's cells and colour bar
+        lines = np.abs(screenshot("custom_scalars").reshape(-1, 3) - [255, 112, 67]).sum(1) < 30
+        assert lines.sum() > 1000, lines.sum()  # chart lines of the custom layout
+    finally:
+        kill_tree(server)

@@ -568,6 +568,8 @@ def test_preempted_two_process_run_stops_together_saves_and_resumes_exactly(tmp_
     assert ref.returncode == 0, ref.log[-3000:]
     ref_losses = {step: v[0] for step, v in losses_by_step(tmp_path / "ref").items()}
     assert sorted(ref_losses) == list(range(1, 25))
+    # the log of a launcher: one plain progress line per logged step, from rank 0 only, no carriage return
+    assert len(re.findall(r"^step \d+/24 \| loss ", ref.log, re.M)) == 24 and "\r" not in ref.log
     root = tmp_path / "cut" / "checkpoints"
 
     job = run("cut", signal_at=3, to="job")

@@ -89,11 +89,13 @@ def run_width(d: int, args) -> dict:
         x = torch.randint(0, 256, (args.batch, args.seq_len + 1), generator=g)
         return [(x[:, :-1], x[:, 1:])]
 
-    def step(engine) -> tuple[float, float]:
+    def step(engine) -> dict:
         micro = batch()
         t0 = time.perf_counter()
         result = engine.train_step(micro, 1.0)
-        return time.perf_counter() - t0, result.retraction.seconds
+        r = result.retraction
+        return {"step_s": time.perf_counter() - t0, "retraction_s": r.seconds, "retracted": len(r.retracted),
+                "early": len(r.early), "max_drift": r.max_drift}
 
     for name, engine in engines.items():  # first steps: Adam state, stacks, allocator
         for _ in range(args.warmup):
@@ -106,8 +108,7 @@ def run_width(d: int, args) -> dict:
         for name in order:
             load = load_avg()
             for _ in range(args.steps):
-                dt, retr = step(engines[name])
-                rows[name].append({"round": rnd, "step_s": dt, "retraction_s": retr, "load": load})
+                rows[name].append({"round": rnd, "load": load, **step(engines[name])})
             mine = [r for r in rows[name] if r["round"] == rnd]
             per_round[name] = tokens_per_step * len(mine) / sum(r["step_s"] for r in mine)
         rounds.append(per_round)
@@ -121,6 +122,10 @@ def run_width(d: int, args) -> dict:
             "params": sum(p.numel() for p in engines[name].model.parameters()),
             "tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
             "retraction_share": sum(r["retraction_s"] for r in rows[name]) / sum(r["step_s"] for r in rows[name]),
+            "factors": len(engines[name].retractor.factors()),
+            "retracted_per_step": statistics.mean(r["retracted"] for r in rows[name]),
+            "early_per_step": statistics.mean(r["early"] for r in rows[name]),
+            "max_drift": max(r["max_drift"] for r in rows[name]),
             "load_avg": [r["load"] for r in rows[name][::args.steps]],
             "ratio_to_dense_per_round": [rd[name] / rd["dense"] for rd in rounds],
             "steps": rows[name],
@@ -131,10 +136,11 @@ def run_width(d: int, args) -> dict:
 
 def report(d: int, res: dict) -> list[str]:
     lines = [f"\nd = {d}:", "| arm | params | tokens/s median (min–max) | retraction share | vs dense (median of rounds) "
-             "| load avg per round |", "|---|---|---|---|---|---|"]
+             "| factors retracted per step (early) | max drift | load avg per round |", "|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s_median']:,.0f} ({r['tokens_per_s_min']:,.0f}–"
                      f"{r['tokens_per_s_max']:,.0f}) | {r['retraction_share']:.1%} | {r['ratio_to_dense']:.2f}× | "
+                     f"{r['retracted_per_step']:.1f} of {r['factors']} ({r['early_per_step']:.1f}) | {r['max_drift']:.3f} | "
                      + " ".join(f"{x:.1f}" for x in r["load_avg"]) + " |")
     return lines
 
@@ -152,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per arm and round (default 2)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-4,
+                    help="all learning rates (default 1e-4, as the 70B config; the drift per step, and so how often "
+                         "the amortized mode must retract early, grows with it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write all results (every step) to this file")
     args = ap.parse_args(argv)

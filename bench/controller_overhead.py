@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import re
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--plan-cpu", action="store_true",
+                   help="only time controller.plan in CPU seconds (robust on a busy machine), with and without protection")
     p.add_argument("--write", type=Path, default=None, help="update this markdown file's '" + SECTION + "' section")
     return p.parse_args(argv)
 
@@ -224,6 +227,27 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def plan_cpu(a: argparse.Namespace, reps: int = 30) -> None:
+    """CPU time of one ``controller.plan`` (the decision after a growth) on the model's layers with random
+    spectra, without (``protect 0``) and with protection bookkeeping; median of ``reps``."""
+    cfg = make_config(a)
+    layers = {n: (m.U.shape[0], m.V.shape[0]) for n, m in build_model(cfg.model, device="meta").named_modules()
+              if isinstance(m, SpectralModule)}
+    gen = torch.Generator().manual_seed(0)
+    for protect in (0, a.protect or 1):
+        rank_cfg = dataclasses.replace(cfg.rank, protect=protect)
+        times = []
+        for _ in range(reps):
+            c = RankController(rank_cfg, layers)
+            c.plan(a.warmup, {n: torch.rand(a.rank, generator=gen) for n in layers})
+            spectra = {n: torch.rand(a.rank * 3 // 2, generator=gen) ** 3 for n in layers}
+            t0 = time.process_time()
+            c.plan(a.warmup + a.interval, spectra)
+            times.append(time.process_time() - t0)
+        print(f"protect {protect}: controller.plan {1e3 * statistics.median(times):.2f} ms CPU "
+              f"(median of {reps}, {len(layers)} layers)")
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.threads:
@@ -232,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info()
     print(machine)
     print(command)
+    if a.plan_cpu:
+        plan_cpu(a)
+        return
     text = report(a, run(a), command, machine + f", at end {load_average()}")
     print(text)
     if a.write:

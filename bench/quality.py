@@ -263,7 +263,8 @@ def save_plot(fig, ax, finals: list[float], span: float, path: Path) -> None:
     if finals:
         ax.set_ylim(min(finals) - 0.1, min(finals) + span)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -34,6 +34,7 @@ softmax and AdamW's elementwise update are left out for every arm alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,20 +257,34 @@ def run_all(all_arms: list[Arm], seeds: list[int], common: list[str], sweep_step
     return failed
 
 
+def run_config(rdir: Path):
+    """The run's ``config.yaml`` as a ``Config``, leaving out keys this version of tsvd does not know (a
+    run trained by another version stays readable)."""
+    import yaml
+
+    from tsvd.config import Config, config_from_dict
+
+    def known(raw, cls):
+        if not isinstance(raw, dict) or not dataclasses.is_dataclass(cls):
+            return raw
+        hints = typing.get_type_hints(cls)
+        return {k: known(v, hints[k]) for k, v in raw.items() if k in hints}
+
+    return config_from_dict(known(yaml.safe_load((rdir / "config.yaml").read_text()), Config))
+
+
 def evaluate(rdir: Path, n_batches: int = 0) -> dict:
     """Loss of a run's final checkpoint on the test split, the validation split and as many training
     windows: ``n_batches`` (default 4 × ``eval_batches``) batches of evenly spaced windows each."""
     import torch
-    import yaml
 
     from tsvd import checkpoint as ckpt
-    from tsvd.config import config_from_dict
     from tsvd.data import load_data, val_batches
     from tsvd.engine import build_engine
     from tsvd.model import build_model
     from tsvd.spectral import set_ranks_for_loading
 
-    cfg = config_from_dict(yaml.safe_load((rdir / "config.yaml").read_text()))
+    cfg = run_config(rdir)
     torch.set_num_threads(1)
     data = load_data(cfg.data.dir)
     path = ckpt.latest_checkpoint(rdir / "checkpoints")
@@ -292,14 +308,12 @@ def evaluate(rdir: Path, n_batches: int = 0) -> dict:
 
 def flops_curve(rdir: Path) -> tuple[list[float], dict]:
     """Cumulative training FLOPs after each step ``1..steps`` (index ``step - 1``) and a breakdown."""
-    import yaml
-
-    from tsvd.config import config_from_dict, layer_shapes
+    from tsvd.config import layer_shapes
     from tsvd.metrics import read_jsonl
     from tsvd.model import PROJECTIONS, build_model
     from tsvd.spectral import spectral_ranks
 
-    cfg = config_from_dict(yaml.safe_load((rdir / "config.yaml").read_text()))
+    cfg = run_config(rdir)
     m, t, rc = cfg.model, cfg.train, cfg.rank
     shapes = layer_shapes(m)
     model = build_model(m, device="meta")
@@ -425,7 +439,7 @@ def report(all_arms: list[Arm], seeds: list[int], out: Path, command: str) -> tu
         lines.append(f"| {arm.name} | {arm.desc} | {best} ({sw}) | {s['n']}/{len(seeds)} | {s['test_mean']:.4f}{spread} | "
                      f"{s['test_mean'] - uni:+.4f} | {fmt_params(s['params'])} | {pct} | {s['flops']:.3g} | {reach} |")
     md = "\n".join(lines) + "\n"
-    md += progress_table(runs, sweep)
+    md += progress_table(out)
     unfinished = [f"{a.name}-s{s}" for a in all_arms for s in seeds
                   if not (f"{a.name}-s{s}" in runs and runs[f"{a.name}-s{s}"]["done"]
                           and math.isfinite(runs[f"{a.name}-s{s}"]["test_loss"]))]
@@ -443,20 +457,27 @@ def report(all_arms: list[Arm], seeds: list[int], out: Path, command: str) -> tu
     return result, md
 
 
-def progress_table(runs: dict, sweep: dict) -> str:
-    """Every main run, finished or not: the validation curve so far (partial results stay readable)."""
-    if not runs:
-        return ""
-    steps = sorted({s for r in runs.values() for s, _ in r["val_curve"]})
-    head = "| run | done | " + " | ".join(f"val @{s}" for s in steps) + " | FLOPs so far |\n"
-    head += "|---|---|" + "---|" * len(steps) + "---|\n"
+def progress_table(out: Path) -> str:
+    """Every run, finished or not: the step reached, the training loss there (mean of the last three
+    logged steps; all runs see the same batches in the same order, so equal steps compare fairly) and
+    the validation losses so far — partial results stay readable."""
+    from tsvd.metrics import read_jsonl
+
     lines = []
-    for name, r in sorted(runs.items()):
-        vals = dict(r["val_curve"])
-        cells = " | ".join(f"{vals[s]:.4f}" if s in vals else "" for s in steps)
-        so_far = r["flops_at"][-1] if r["flops_at"] else 0.0
-        lines.append(f"| {name} | {'yes' if r['done'] else 'no'} | {cells} | {so_far:.3g} |")
-    return "\nValidation loss of the main runs by step (finished or not):\n\n" + head + "\n".join(lines) + "\n"
+    for rdir in sorted(out.glob("sweep/*")) + sorted(out.glob("main/*")):
+        rows = read_jsonl(rdir / "metrics.jsonl") if (rdir / "metrics.jsonl").is_file() else []
+        train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+        if not train:
+            continue
+        last = train[-3:]
+        val = ", ".join(f"{r['val/loss']:.4f} @{r['step']}" for r in rows if "val/loss" in r)
+        lines.append(f"| {rdir.parent.name}/{rdir.name} | {'yes' if (rdir / 'summary.json').is_file() else 'no'} | "
+                     f"{train[-1][0]} | {statistics.fmean(v for _, v in last):.4f} (steps {last[0][0]}–{last[-1][0]}) | "
+                     f"{val or '—'} |")
+    if not lines:
+        return ""
+    return ("\nEvery run so far (finished or not):\n\n| run | done | step | train loss | validation loss @ step |\n"
+            "|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def fmt_params(x: float) -> str:

@@ -258,56 +258,59 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
     log(f"gradient moments: {results['gradients']}")
     save()
     rows = results.setdefault("arms", [])
-    done = {(r["targets"], r["ratio"], r["arm"]) for r in rows}
     names = [n for n in projections(dense) if any(matches_glob(n, TARGETS[t]) for t in args.targets)]
-    t0 = time.perf_counter()
-    whitened = {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n]) for n in names}
-    results["whitening"] = {"s": round(time.perf_counter() - t0, 1), "layers": len(names), "load_avg": os.getloadavg()[0]}
-    log(f"{len(names)} whitened SVDs in {results['whitening']['s']} s")
-    for ratio in args.ratios:  # the headline ratio first: its fine-tune runs before the other ratios
-        for targets, arm in [(t, a) for arms in (("plain", "whitened-uniform", "loss-layer"), ("loss-direction",))
-                             for t in args.targets for a in arms]:  # the main comparison first
-            chosen = [n for n in names if matches_glob(n, TARGETS[targets])]
-            shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in chosen}
-            costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
-            uniform = uniform_ranks(shapes, ratio)
-            budget = budget_spent(uniform, costs)
-            if (targets, ratio, arm) in done:
-                continue
-            model = copy.deepcopy(dense)
-            t1 = time.perf_counter()
-            if arm == "plain":
-                report = spectralize(model, TARGETS[targets], params_ratio=ratio)
-            else:
-                ws, ranks = ({n: whitened[n] for n in chosen}, uniform) if arm == "whitened-uniform" else \
-                    loss_aware_allocation({n: whitened[n] for n in chosen}, grads["moments"], costs, budget,
-                                          arm == "loss-direction")
-                report = replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
-            row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm,
-                          convert_s=round(time.perf_counter() - t1, 1))
-            rows.append(row)
-            save()
-            log(f"{targets}@{ratio} {arm}: ranks {row['rank_min']}-{row['rank_max']}, params x{row['params_ratio']}, "
-                f"test loss {row['test']['loss']}, val loss {row['val']['loss']}")
-            del model
-        if ratio == args.headline_ratio and "mlp" in args.targets and "headline" not in results and args.steps > 0:
-            # the MLP arm with the lowest validation loss (howto, not the test text) is fine-tuned
-            best = min((r for r in rows if r["targets"] == "mlp" and r["ratio"] == ratio), key=lambda r: r["val"]["loss"])
-            model = copy.deepcopy(dense)
-            chosen = [n for n in names if matches_glob(n, TARGETS["mlp"])]
-            shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in chosen}
-            costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
-            uniform = uniform_ranks(shapes, ratio)
-            if best["arm"] == "plain":
-                report = spectralize(model, TARGETS["mlp"], params_ratio=ratio)
-            else:
-                ws, ranks = ({n: whitened[n] for n in chosen}, uniform) if best["arm"] == "whitened-uniform" else \
-                    loss_aware_allocation({n: whitened[n] for n in chosen}, grads["moments"], costs,
-                                          budget_spent(uniform, costs), best["arm"] == "loss-direction")
-                report = replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
-            results["headline"] = headline(model, report, tok, eval_tokens, args, best)
-            save()
-            del model
+    whitened, results["whitening"] = {}, {}
+    for kind in ("mlp", "attn"):  # timed apart: an MLP-only conversion does the first part only
+        t0 = time.perf_counter()
+        part = [n for n in names if matches_glob(n, TARGETS[kind])]
+        whitened |= {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n]) for n in part}
+        results["whitening"][kind] = {"s": round(time.perf_counter() - t0, 1), "layers": len(part),
+                                      "load_avg": os.getloadavg()[0]}
+    log(f"whitened SVDs: {results['whitening']}")
+
+    def run_arm(targets: str, ratio: float, arm: str) -> None:
+        if (targets, ratio, arm) in {(r["targets"], r["ratio"], r["arm"]) for r in rows}:
+            return
+        model, report = build_arm(dense, whitened, grads["moments"], targets, ratio, arm)
+        row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm)
+        rows.append(row)
+        save()
+        log(f"{targets}@{ratio} {arm}: ranks {row['rank_min']}-{row['rank_max']}, params x{row['params_ratio']}, "
+            f"test loss {row['test']['loss']}, val loss {row['val']['loss']}")
+
+    main_arms, h = ("plain", "whitened-uniform", "loss-layer"), args.headline_ratio
+    # order: the headline's arms, its fine-tune, the other targets, the per-direction variant, other ratios
+    for arm in main_arms:
+        run_arm("mlp", h, arm)
+    if "headline" not in results and args.steps > 0:
+        # the MLP arm with the lowest validation loss (howto, not the test text) is fine-tuned
+        best = min((r for r in rows if r["targets"] == "mlp" and r["ratio"] == h), key=lambda r: r["val"]["loss"])
+        model, report = build_arm(dense, whitened, grads["moments"], "mlp", h, best["arm"])
+        results["headline"] = headline(model, report, tok, eval_tokens, args, best)
+        save()
+        del model
+    for ratio in args.ratios:
+        for arms in (main_arms, ("loss-direction",)):
+            for targets in args.targets:
+                for arm in arms:
+                    run_arm(targets, ratio, arm)
+
+
+def build_arm(dense, whitened: dict, grad_moments: dict, targets: str, ratio: float, arm: str):
+    """``(model, report)``: a copy of ``dense`` with the ``targets`` projections at ``ratio`` of their
+    parameters by ``arm``: plain SVD, whitened at uniform ranks, or whitened with loss-aware ranks."""
+    model = copy.deepcopy(dense)
+    chosen = [n for n in projections(dense) if matches_glob(n, TARGETS[targets])]
+    if arm == "plain":
+        return model, spectralize(model, TARGETS[targets], params_ratio=ratio)
+    shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in chosen}
+    costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
+    uniform = uniform_ranks(shapes, ratio)
+    ws = {n: whitened[n] for n in chosen}
+    if arm != "whitened-uniform":
+        ws, uniform = loss_aware_allocation(ws, grad_moments, costs, budget_spent(uniform, costs),
+                                            arm == "loss-direction")
+    return model, replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, uniform)
 
 
 def headline(model, report, tok, eval_tokens, args, row: dict) -> dict:

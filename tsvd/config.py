@@ -113,8 +113,9 @@ class TrainConfig:
     log_interval: int = 10
     checkpoint_interval: int = 250
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    device: str = "cpu"
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N (auto: CUDA when present; tsvd.engine.device)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    tf32: bool = False  # TF32 matmuls for the model's float32 work on CUDA (never the retraction's)
     threads: int = 0  # torch threads (0 = all cores / ranks)
     layer_cards: str = "auto"  # per-layer TensorBoard cards: all | none | every:K (blocks) | auto (≤ 8 blocks)
 

@@ -20,22 +20,21 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import psutil
-import torch
 from torch import Tensor
 
+from tsvd.engine.device import cuda_memory_stats
 from tsvd.rank_overview import LayerGrid, aggregates, card_layers, custom_layout, decision_table
 from tsvd.retraction import FactorCache
 from tsvd.spectrum import effective_rank, energy, rank_for_energy, tail_share
 
 
 def memory_stats() -> dict[str, float]:
-    """Current and peak resident memory of this process (GB), and device peak allocation if any."""
+    """Current and peak resident memory of this process (GB), and its peak CUDA memory allocated and
+    reserved when it has used CUDA (``tsvd.engine.device.cuda_memory_stats``)."""
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = peak_kb / 2**30 if sys.platform == "darwin" else peak_kb / 2**20
     out = {"memory/rss_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30, "memory/peak_rss_gb": peak}
-    if torch.cuda.is_available():
-        out["memory/device_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
+    return {**out, **cuda_memory_stats()}
 
 
 def layer_stats(spectra: dict[str, Tensor], cache: dict[str, FactorCache], tau: float,

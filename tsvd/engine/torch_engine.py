@@ -1,6 +1,11 @@
 """Single-device engine: plain PyTorch, no launcher. Fused AdamW + retraction after every applied step
 (every factor, or with ``train.retract_every: k`` each factor every k steps: ``Retractor.after_step``).
 
+On ``train.device`` (``auto`` takes CUDA when present; ``tsvd.engine.device``): with ``train.tf32`` the
+model's float32 matmuls use TF32 on CUDA, never the retraction's. On CUDA a step returns with the device
+synchronised and its forward/backward and retraction times (``timings``) are the device's; on the CPU
+there is no synchronisation and no CUDA call.
+
 ``TorchEngine.train_step`` is the one training step of a single process: ``tsvd train`` and Hugging Face
 fine-tuning (``tsvd.hf.finetune``, through ``loss_fn``) both take it.
 """
@@ -20,6 +25,7 @@ from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
+from tsvd.engine.device import Stopwatch, exact_fp32_matmul, resolve_device, set_tf32
 from tsvd.errors import UserError, unpickler_reason
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor
@@ -37,26 +43,13 @@ def model_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return model(x, y)[1]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` as a ``torch.device``; a name torch does not know, or a device this machine does
-    not have, is a ``UserError``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # unknown name; "Torch not compiled with CUDA enabled"
-        raise UserError(f"train.device: {name!r} is not usable here ({str(e).splitlines()[0]}); "
-                        "use cpu, cuda, cuda:N or auto") from None
-    return device
-
-
 class TorchEngine(Engine):
     """``model`` on ``cfg.train.device``; ``loss_fn(model, x, y)`` gives a micro-batch's mean loss (default:
     tsvd's ``Transformer``; any other model, e.g. a Hugging Face causal LM, brings its own)."""
 
     def __init__(self, cfg: Config, model: nn.Module, loss_fn: LossFn = model_loss) -> None:
         self.cfg, self.device, self.loss_fn = cfg, resolve_device(cfg.train.device), loss_fn
+        set_tf32(self.device, cfg.train.tf32)
         self.model = model.to(self.device)
         self.optimizer = build_adamw(self.model, cfg.train, self.device)
         # stack=True: the retractor keeps same-shape factors in shared stacks (batched retraction)
@@ -65,6 +58,7 @@ class TorchEngine(Engine):
         # rank changes resize these modules in place (their parameters may be new objects: read m.s each step)
         self.spectral = {n: m for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+        self.timings: dict[str, float] = {}  # the last step's perf/forward_backward_s, perf/retraction_s
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -79,10 +73,12 @@ class TorchEngine(Engine):
         set_lr(self.optimizer, lr_multiplier)
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for x, y in micro_batches:
-            loss = self._loss(x, y)
-            (loss / len(micro_batches)).backward()
-            total += loss.detach()
+        with Stopwatch(self.device) as forward_backward:
+            for x, y in micro_batches:
+                loss = self._loss(x, y)
+                (loss / len(micro_batches)).backward()
+                total += loss.detach()
+        self.timings = {"perf/forward_backward_s": forward_backward.seconds}
         loss = float(total) / len(micro_batches)
         clip = self.cfg.train.grad_clip or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
@@ -96,7 +92,7 @@ class TorchEngine(Engine):
         bad = [n for n, ok in zip(cores, finite_flags(list(cores.values())).tolist()) if not ok]
         if bad:  # keep the old s (and its Adam state); the factors keep their update and are retracted
             before.restore_(self.optimizer)
-        report = self.retractor.after_step(measure_error=measure)
+        report = self._retract(self.retractor.after_step, measure)
         if bad:
             return StepResult(loss, grad_norm, True, report, reason=bad_cores_reason(bad))
         return StepResult(loss, grad_norm, False, report)
@@ -120,7 +116,16 @@ class TorchEngine(Engine):
         return {n: m.s.detach().float().cpu() for n, m in self.spectral.items()}
 
     def retract_all(self, measure: bool = False) -> RetractionReport:
-        return self.retractor.retract_all(measure_error=measure)
+        return self._retract(self.retractor.retract_all, measure)
+
+    def _retract(self, retract: Callable[..., RetractionReport], measure: bool) -> RetractionReport:
+        """Run ``retract`` in exact float32 (no TF32); on CUDA its ``seconds`` are the device's (synchronised)."""
+        with exact_fp32_matmul(self.device), Stopwatch(self.device) as clock:
+            report = retract(measure_error=measure)
+        if clock.cuda:
+            report.seconds = clock.seconds
+        self.timings["perf/retraction_s"] = report.seconds
+        return report
 
     def save(self, path: Path, client_state: dict) -> None:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

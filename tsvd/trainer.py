@@ -412,6 +412,7 @@ class Trainer:
             "perf/tokens_per_s": tokens_per_step / dt,
             "perf/step_s": dt,
             "perf/retraction_s": result.retraction.seconds,
+            **self.engine.timings,
             "perf/retraction_share": result.retraction.seconds / dt if dt > 0 else 0.0,
             "spectral/fallbacks": float(len(result.retraction.fallbacks)),
             **result.retraction.scalars(),

@@ -39,6 +39,7 @@ class Engine(ABC):
     model: nn.Module  # the unwrapped tsvd model (module names as in tsvd.model)
     rank: int = 0
     world_size: int = 1
+    timings: dict[str, float] = {}  # the last step's phase times the trainer logs (e.g. perf/forward_backward_s)
 
     @property
     def is_main(self) -> bool:

@@ -3,8 +3,8 @@
 
 On ``train.device`` (``auto`` takes CUDA when present; ``tsvd.engine.device``): with ``train.tf32`` the
 model's float32 matmuls use TF32 on CUDA, never the retraction's. On CUDA a step returns with the device
-synchronised and its forward/backward and retraction times (``timings``) are the device's; on the CPU
-there is no synchronisation and no CUDA call.
+synchronised, and its forward/backward time (``timings``) and retraction time (``RetractionReport.seconds``)
+are the device's; on the CPU there is no synchronisation and no CUDA call.
 
 ``TorchEngine.train_step`` is the one training step of a single process: ``tsvd train`` and Hugging Face
 fine-tuning (``tsvd.hf.finetune``, through ``loss_fn``) both take it.
@@ -58,7 +58,7 @@ class TorchEngine(Engine):
         # rank changes resize these modules in place (their parameters may be new objects: read m.s each step)
         self.spectral = {n: m for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
         self.autocast_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
-        self.timings: dict[str, float] = {}  # the last step's perf/forward_backward_s, perf/retraction_s
+        self.timings: dict[str, float] = {}  # the last step's perf/forward_backward_s
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -124,7 +124,6 @@ class TorchEngine(Engine):
             report = retract(measure_error=measure)
         if clock.cuda:
             report.seconds = clock.seconds
-        self.timings["perf/retraction_s"] = report.seconds
         return report
 
     def save(self, path: Path, client_state: dict) -> None:

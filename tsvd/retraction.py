@@ -37,6 +37,7 @@ Use it in one of three ways::
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ STACK_BYTES = 8 * 2**20
 DRIFT_LIMIT = 0.1
 #: Byte alignment of each factor in a stack (that of torch's CPU allocator).
 STACK_ALIGN = 64
+#: While (re)stacking, freed heap pages are handed back to the OS after every this many bytes stacked.
+TRIM_BYTES = 64 * 2**20
 
 #: Measured ``‖QᵀQ − I‖_F`` above which a retracted factor is repaired by a full Householder QR.
 #: A good fp32 retraction leaves 0.6–2.2e-6 (bench/retraction.py, docs/results.md); fp64 ~1e-14.
@@ -393,6 +396,7 @@ class Retractor:
         for name, p in factors.items():
             groups[(tuple(p.shape), p.dtype, p.device, phases[name])].append(name)
         self._stacks, self._spares, self._factor_of = [], {}, dict(factors)
+        moved = 0
         for names in groups.values():
             p0 = factors[names[0]]
             per = max(1, self.stack_bytes // (p0.numel() * p0.element_size()))
@@ -403,6 +407,10 @@ class Retractor:
                     row.copy_(factors[n].detach())
                     factors[n].data = row
                 self._stacks.append(_Stack(chunk, data, [factors[n].data_ptr() for n in chunk]))
+                moved += data.untyped_storage().nbytes()
+                if moved >= TRIM_BYTES:
+                    moved = release_freed_heap()
+        release_freed_heap()
         return self._stacks
 
     def _repair(self, factors: dict[str, nn.Parameter], write: Writer, report: RetractionReport) -> None:
@@ -424,6 +432,26 @@ class Retractor:
 def retract_(model: nn.Module, method: str = "cholesky") -> RetractionReport:
     """Orthonormalize every spectral factor of ``model`` in place (its own storage), once."""
     return Retractor(model, method)()
+
+
+def release_freed_heap() -> int:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere); returns 0.
+
+    Re-stacking frees every factor's old storage; glibc keeps those pages (holes between the optimizer
+    state's blocks) and the stacks take new ones, so without this the resident size would grow by the
+    factors' bytes (+0.87 GB measured at the 70B architecture, 80 layers)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+    return 0
+
+
+_MALLOC_TRIM = None
 
 
 def _new_stack(n: int, like: Tensor) -> Tensor:

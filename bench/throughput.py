@@ -59,6 +59,7 @@ def build_arm(d: int, rank: int | None, every: int, args) -> TorchEngine:
     cfg.model = model_config(d, args.layers, rank, args.seq_len)
     t = cfg.train
     t.batch_size, t.seq_len, t.threads, t.retract_every = args.batch, args.seq_len, args.threads, every
+    t.device, t.dtype = args.device, args.dtype
     t.lr = t.spectral_lr = t.core_lr = args.lr
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="all learning rates (default 1e-4, as the 70B config; the drift per step, and so how often "
                          "the amortized mode must retract early, grows with it)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="train.device: cpu, cuda or auto (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="train.dtype (default float32)")
     ap.add_argument("--json", help="write all results (every step) to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

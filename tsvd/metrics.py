@@ -87,6 +87,7 @@ class Metrics:
         self.carded = set(card_layers(list(self.dims), layer_cards))
         self.writer = None
         self.layout_written = False
+        self.overview_step: int | None = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -133,8 +134,9 @@ class Metrics:
         ``overview/rank`` (rank / max rank, the rank written in each cell) and ``overview/energy_kept``
         (share of ``Σ sᵢ²`` outside the tail), the aggregates, the custom-scalars layout (once per
         writer) and, when ranks changed, the decision as a table (text ``rank_decision``)."""
-        if not self.enabled or not spectra:
+        if not self.enabled or not spectra or step == self.overview_step:
             return
+        self.overview_step = step  # one overview per step (a decision at the last step is also the end)
         from tsvd.plots import figure_rgb, grid_figure
 
         if not self.layout_written:

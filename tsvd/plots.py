@@ -76,7 +76,8 @@ GRID_FONT_PT = 7
 
 
 def grid_figure(grid, values: Mapping[str, float], labels: Mapping[str, str], title: str, colour_label: str):
-    """A ``grid`` (``tsvd.rank_overview.LayerGrid``) as a heatmap: colour ``values[layer]`` on [0, 1],
+    """A ``grid`` (``tsvd.rank_overview.LayerGrid``) as a heatmap: colour ``values[layer]``, the colour
+    scale spanning the values shown (so that small differences show; the colour bar gives the range),
     the text ``labels[layer]`` written in each cell; empty cells grey. Returns a matplotlib ``Figure``."""
     from matplotlib.figure import Figure
 
@@ -84,21 +85,23 @@ def grid_figure(grid, values: Mapping[str, float], labels: Mapping[str, str], ti
     V = np.full((n, t), np.nan)
     for layer, (i, j) in grid.cell.items():
         V[i, j] = values[layer]
-    width, height = 0.9 + 0.6 * t + 1.1, 0.8 + GRID_ROW_IN * n  # inches: labels, cells, colour bar
+    width, height = 0.9 + 0.6 * t + 1.1, 1.0 + GRID_ROW_IN * n  # inches: labels, cells, colour bar
     fig = Figure(figsize=(width, height), dpi=100)
     ax = fig.add_axes((0.9 / width, 0.15 / height, 0.6 * t / width, GRID_ROW_IN * n / height))
     bar = fig.add_axes(((0.9 + 0.6 * t + 0.2) / width, 0.15 / height, 0.15 / width, min(3.0, GRID_ROW_IN * n) / height))
     cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="0.85")
-    image = ax.imshow(np.ma.masked_invalid(V), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    lo, hi = float(np.nanmin(V)), float(np.nanmax(V))
+    lo, hi = (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+    image = ax.imshow(np.ma.masked_invalid(V), cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
     for layer, (i, j) in grid.cell.items():
         ax.text(j, i, labels[layer], ha="center", va="center", fontsize=GRID_FONT_PT,
-                color="white" if values[layer] < 0.55 else "black")
+                color="white" if values[layer] < lo + 0.55 * (hi - lo) else "black")
     ax.set_xticks(range(t), labels=grid.types, fontsize=8)
     ax.xaxis.tick_top()
     ax.set_yticks(range(n), labels=grid.rows, fontsize=GRID_FONT_PT)
     ax.set_ylabel("block")
-    ax.set_title(title, fontsize=9, pad=18)
-    fig.colorbar(image, cax=bar, label=colour_label)
+    ax.set_title(f"{title}\ncolour: {colour_label}", fontsize=9, pad=18)
+    fig.colorbar(image, cax=bar)
     return fig
 
 

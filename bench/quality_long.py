@@ -91,11 +91,12 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
         common, rank, sched, sweep_steps, lrs = [], 32, ["rank.warmup_steps=50", "rank.interval=50"], 160, LRS
     spec = [f"model.spectral.targets={SPECTRAL}", f"model.spectral.rank={rank}", "model.spectral.init=scaled",
             "train.retraction=cholesky"]
-    # configs/tsvd-adaptive.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank
+    # configs/tsvd-adaptive.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank;
+    # ``protected`` adds the protection and gradient-initialised growth of issue 14 (not the default: see docs)
     energy = sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05", "rank.tail_fraction=0.1",
                       "rank.growth_factor=1.5", "rank.min_rank=4", "rank.max_rank=128", "rank.max_shrink=0.5",
                       "rank.hysteresis=0.05", "rank.grow_directions=gradient"]
-    shipped = energy + ["rank.protect=1", "rank.grow_init=0.25"]
+    protected = energy + ["rank.protect=1", "rank.grow_init=0.25"]
     # start at half the rank, a budget that ramps to 2.6× by step 1000 (≈ the uniform arm's average
     # parameters over 1520 steps), then a final phase at fixed ranks; allocation across layers by energy share
     r0 = rank // 2
@@ -107,14 +108,14 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
         f"rank.max_rank={3 * rank}", "rank.max_shrink=0.25", "rank.hysteresis=0.05", "rank.protect=1",
         "rank.grow_init=0.25", "rank.grow_directions=gradient"]
     out = [
-        Arm("dense", "dense", [], lrs, spectral=False),
+        Arm("dense", "dense", [], lrs if smoke else [7.5e-4] + lrs, spectral=False),  # 1.5e-3 won: bracket below
         Arm("uniform", f"uniform static rank {rank} (SCT mode, scaled init)", spec + ["rank.policy=static"], lrs),
-        Arm("adaptive", "adaptive: configs/tsvd-adaptive.yaml (energy policy, protect 1, grow_init 0.25), "
-            "core_lr 10×lr", spec + shipped, lrs, core_ratio=10.0),
+        Arm("adaptive", "adaptive: configs/tsvd-adaptive.yaml's policy (energy 0.95, grow_tail 0.05), core_lr 10×lr",
+            spec + energy, lrs, core_ratio=10.0),
         Arm("budget-ramp", f"budget: rank {r0} → budget ramp ×2.6 until step {ramp_sched[2].split('=')[1]}, "
             "protect 1, grow_init 0.25", budget, lrs),
-        Arm("adaptive-legacy", "adaptive as shipped before issue 14 (energy, no protection, s = 0 growth), "
-            "core_lr 10×lr", spec + energy, lrs, core_ratio=10.0, optional=True),
+        Arm("adaptive-protect", "adaptive with protect 1 and grow_init 0.25 (new directions: one step against the "
+            "sketched gradient, one decision of protection)", spec + protected, lrs, core_ratio=10.0, optional=True),
     ]
     return out, common, sweep_steps
 
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default runs/quality-long or runs/quality-long-smoke)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms (default: all but the optional "
-                    "adaptive-legacy)")
+                    "adaptive-protect)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the main runs (default 0 1)")
     ap.add_argument("--report-only", action="store_true", help="no training: table and plots from finished runs")
     ap.add_argument("--docs", action="store_true", help="update docs/results.md and docs/img/")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -61,13 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     decisions = [s for s in range(1, cfg.train.steps + 1) if trainer.controller.due(s)]
     snapshots: dict[int, dict[str, list[int]]] = {}
     try:
+        val_loss = float("nan")  # the last evaluation's (the final decision may be the last step)
         for d in decisions:
-            trainer.fit(stop_at=d)
+            reached = trainer.fit(stop_at=d)
+            val_loss = reached.val_loss if math.isfinite(reached.val_loss) else val_loss
             snapshots[d] = {k: list(v) for k, v in trainer.controller.born.items()}
             grown = sum(v.count(d) for v in snapshots[d].values())
             print(f"step {d}: {grown} directions added, total rank "
                   f"{sum(s.numel() for s in trainer.engine.spectra().values())} ({time.time() - t0:.0f} s)", flush=True)
         summary = trainer.fit()
+        val_loss = summary.val_loss if math.isfinite(summary.val_loss) else val_loss
         ranks = {n: s.numel() for n, s in trainer.engine.spectra().items()}
     finally:
         trainer.close()
@@ -81,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         "survival_2_intervals": kept2 / added2 if added2 else None, "added_counted_2": added2, "present_2": kept2,
         "survival_3_intervals": kept3 / added3 if added3 else None, "added_counted_3": added3, "present_3": kept3,
         "final_ranks_by_type": {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)} for k, v in by_type.items()},
-        "final_val_loss": summary.val_loss, "final_ranks": ranks, "born": snapshots,
+        "final_val_loss": val_loss, "final_ranks": ranks, "born": snapshots,
     }
     Path(args.out, "t3.json").write_text(json.dumps(result, indent=1))
     print(f"survival after 2 intervals: {kept2}/{added2} = {result['survival_2_intervals']}; "
           f"after 3: {kept3}/{added3} = {result['survival_3_intervals']}")
     print("final ranks by type: " + ", ".join(f"{k} {v['mean']:.1f} [{v['min']}-{v['max']}]"
                                                for k, v in result["final_ranks_by_type"].items()))
-    print(f"final val loss {summary.val_loss:.4f}")
+    print(f"final val loss {val_loss:.4f}")
     return 0
 
 

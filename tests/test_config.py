@@ -56,6 +56,7 @@ BAD = [
     ({"data": {"val_fraction": 0}}, "data.val_fraction"),
     ({"data": {"corpus": []}}, "data.corpus: empty"),
     ({"data": {"vocab_size": 100}}, "data.vocab_size"),
+    ({"data": {"tokenizer": "byte", "tokenizer_file": "tok.json"}}, "data.tokenizer_file: only used with data.tokenizer: bpe"),
     ({"engine": {"kind": "deepspeed"}}, "engine.deepspeed_config: required"),
     ([1, 2], "config: expected a mapping"),
 ]

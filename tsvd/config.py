@@ -276,6 +276,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.data.test_fraction < 1.0 - cfg.data.val_fraction:
         raise UserError(f"data.test_fraction: must be in [0, 1 - val_fraction), got {cfg.data.test_fraction}")
+    if cfg.data.tokenizer == "byte" and cfg.data.tokenizer_file is not None:
+        raise UserError("data.tokenizer_file: only used with data.tokenizer: bpe")
     if cfg.data.tokenizer == "bpe" and cfg.data.tokenizer_file is None and not 256 < cfg.data.vocab_size <= 1 << 20:
         raise UserError(f"data.vocab_size: a BPE vocabulary needs 256 < size ≤ 1048576, got {cfg.data.vocab_size}")
     _positive("data.max_bytes", cfg.data.max_bytes, allow_zero=True)

@@ -594,7 +594,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_config
     """SIGTERM asks for a checkpoint at the step boundary; a second SIGTERM while that checkpoint is being
     written (after ``REPEAT_S``) stops at once: nothing half-written is published, ``latest`` stays the
     previous good checkpoint and resumes. A repeat within ``REPEAT_S`` is the same request (no effect)."""
-    from tsvd import trainer as trainer_module
+    from tsvd.trainer import stop as stop_module
 
     cfg = tiny_config(*FAST, "train.steps=8", "train.checkpoint_interval=2", "train.eval_interval=100")
     cut = Trainer(cfg, progress=False)
@@ -609,7 +609,7 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tiny_config
     def save_then_signal(path, client_state):
         real_save(path, client_state)
         if cut.step == 3:  # the stop's checkpoint is written but not published: the second signal lands
-            monkeypatch.setattr(trainer_module, "REPEAT_S", 0.0)
+            monkeypatch.setattr(stop_module, "REPEAT_S", 0.0)
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(cut.engine, "train_step", signal_twice_inside_step)

@@ -8,9 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,80 +18,19 @@ import yaml
 from tsvd import checkpoint as ckpt
 from tsvd.cadence import Cadence
 from tsvd.config import Config, to_dict
-from tsvd.data import BatchSampler, load_data, prepare_data, unigram_loss, val_batches
+from tsvd.data import BatchSampler, load_data, unigram_loss, val_batches
 from tsvd.distributed import is_collective_failure
 from tsvd.engine import build_engine
-from tsvd.errors import UserError
 from tsvd.metrics import Metrics, layer_stats, memory_stats
 from tsvd.model import build_model
 from tsvd.optim import lr_multiplier
-from tsvd.progress import Progress, is_terminal, say
+from tsvd.progress import Progress, say
 from tsvd.rank_overview import spectral_signals
 from tsvd.run_lock import RunLock
 from tsvd.spectral import SpectralModule, set_ranks_for_loading, spectral_ranks
-
-
-DATA_WAIT_S = 3600  # how long non-zero ranks wait for rank 0 to prepare the data
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is usable."""
-
-
-STOPPED_EXIT_CODE = 75  # `tsvd train` stopped on a signal with a checkpoint at a step boundary (EX_TEMPFAIL: run again)
-REPEAT_S = 2.0  # a signal this soon after the first is the same request delivered twice, not "stop at once"
-
-
-class Stopped(KeyboardInterrupt):
-    """The run stopped on SIGINT / SIGTERM at a step boundary, every rank at the same ``step``, after
-    saving ``checkpoint`` (a ``KeyboardInterrupt``, so plain callers see an interrupt)."""
-
-    def __init__(self, signal_name: str) -> None:
-        super().__init__(signal_name)
-        self.signal_name, self.step, self.checkpoint, self.is_main = signal_name, 0, None, True
-
-
-class _StopRequest:
-    """Deferred SIGINT / SIGTERM and where the loop stands (installed in the main thread of every rank).
-
-    The first Ctrl-C (SIGINT) or SIGTERM (how schedulers such as SLURM preempt a job) only sets
-    ``requested``. At every step boundary the ranks agree (``Engine.any_rank``: one small all-reduce
-    when there are several) whether any of them got one; if so every rank stops there (``Stopped``) and
-    the trainer saves one checkpoint of that step. A second signal interrupts at once (no checkpoint if
-    that is inside a step) — unless it comes within ``REPEAT_S`` of the first: launchers pass a signal on
-    to workers that often got it already (a terminal's Ctrl-C reaches the whole process group, a
-    scheduler signals every process of the job), and that copy is not a second request. A signal whose
-    handler is not the default one is left alone. ``at_boundary``: model, optimizer and sampler are
-    exactly "after step ``trainer.step``". ``restore()`` puts the handlers back."""
-
-    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-
-    def __init__(self, announce: bool = True) -> None:
-        self.requested, self.previous, self.at_boundary = None, {}, True  # requested: (signal name, time)
-        self.announce = announce  # say so on receiving the first signal (rank 0)
-        if threading.current_thread() is threading.main_thread():
-            for signum, default in self.DEFAULTS.items():
-                if signal.getsignal(signum) is default:
-                    self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            if time.monotonic() - self.requested[1] < REPEAT_S:
-                return
-            raise KeyboardInterrupt
-        self.requested = (signal.Signals(signum).name, time.monotonic())
-        if self.announce:
-            say(f"{self.requested[0]}: stopping after this step with a checkpoint (again to stop at once)")
-
-    def check(self, engine) -> None:
-        """At a step boundary (every rank): ``Stopped`` when any rank got a signal."""
-        if engine.any_rank(self.requested is not None):
-            raise Stopped(self.requested[0] if self.requested else "a signal to another rank")
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
+from tsvd.trainer.start import (build_controller, check_compatible, ensure_data, find_resume, global_rank, set_threads,
+                                set_vocab)
+from tsvd.trainer.stop import Stopped, StopRequest, TrainingError
 
 
 @dataclass
@@ -127,17 +63,6 @@ class _Run:
         return self.summary
 
 
-def _global_rank() -> int:
-    """This process's rank in a launcher job (0 without a launcher); known before any process group."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def _set_threads(cfg: Config) -> None:
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world)
-    torch.set_num_threads(threads)
-
-
 class Trainer:
     """Build data, model and engine from a ``Config``; ``fit()`` trains to ``cfg.train.steps``.
 
@@ -147,7 +72,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | Path | None = "auto", progress: bool = True) -> None:
         self.cfg = cfg
-        _set_threads(cfg)
+        set_threads(cfg)
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -155,7 +80,7 @@ class Trainer:
         # (before `latest` is read), else from the first write, so nothing is created before the inputs
         # are checked.
         self.lock = RunLock(self.out_dir)
-        if _global_rank() == 0 and self.out_dir.is_dir():
+        if global_rank() == 0 and self.out_dir.is_dir():
             self.lock.acquire()
         try:
             self._build(resume, progress)
@@ -165,27 +90,21 @@ class Trainer:
 
     def _build(self, resume: str | Path | None, progress: bool) -> None:
         cfg = self.cfg
-        self.resume_from = self._find_resume(resume)
-
-        self._ensure_data(progress)
+        self.resume_from = find_resume(resume, self.out_dir, self.ckpt_root)
+        ensure_data(cfg, progress)
         self.data = load_data(cfg.data.dir)
-        vocab = self.data.meta.vocab_size
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = vocab
-        elif cfg.model.vocab_size != vocab:
-            raise UserError(f"model.vocab_size: {cfg.model.vocab_size} does not match the tokenizer of "
-                            f"{cfg.data.dir} ({vocab}); set it to {vocab} or 0")
+        set_vocab(cfg, self.data.meta.vocab_size)
 
         model = build_model(cfg.model)
         meta = ckpt.read_meta(self.resume_from) if self.resume_from else None
         if meta is not None:
-            self._check_compatible(meta)
+            check_compatible(cfg, meta, self.resume_from)
             set_ranks_for_loading(model, meta.get("ranks", {}))
         dims = {n: (m.U.shape[0], m.V.shape[0]) for n, m in model.named_modules() if isinstance(m, SpectralModule)}
         factor_count = sum(m.s.numel() * (m.U.shape[0] + m.V.shape[0] + 1) for m in model.modules()
                            if isinstance(m, SpectralModule))
         other_params = sum(p.numel() for p in model.parameters()) - factor_count
-        self.controller = self._build_controller(dims)  # shapes read before ZeRO-3 partitions them
+        self.controller = build_controller(cfg, dims)  # shapes read before ZeRO-3 partitions them
         self.cadence = Cadence.from_config(cfg.train, self.controller.due if self.controller else None)
         self.engine = build_engine(cfg, model)
         self.model = self.engine.model
@@ -207,52 +126,6 @@ class Trainer:
                                layer_cards=cfg.train.layer_cards)
         if self.engine.is_main:
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    # ---------------------------------------------------------------- setup helpers
-    def _find_resume(self, resume: str | Path | None) -> Path | None:
-        if resume is None:
-            if ckpt.latest_checkpoint(self.ckpt_root) is not None:
-                raise UserError(f"out_dir: {self.out_dir} already holds a run's checkpoints; resume it "
-                                "(--resume) or choose another out_dir")
-            return None
-        if resume == "auto":
-            return ckpt.latest_checkpoint(self.ckpt_root)
-        return ckpt.resolve_checkpoint(Path(resume))
-
-    def _check_compatible(self, meta: dict) -> None:
-        saved = meta.get("config", {}).get("model", {})
-        mine = to_dict(self.cfg)["model"]
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings"):
-            if key in saved and saved[key] != mine[key]:
-                raise UserError(f"model.{key}: the checkpoint {self.resume_from} was trained with "
-                                f"{saved[key]}, this config has {mine[key]} (checkpoint from a different model)")
-        if sorted(saved.get("spectral", {}).get("targets", [])) != sorted(mine["spectral"]["targets"]):
-            raise UserError(f"model.spectral.targets: differ from the checkpoint {self.resume_from}")
-
-    def _ensure_data(self, progress: bool) -> None:
-        """Prepare ``data.dir`` if it holds no dataset — on global rank 0 only; other ranks of a
-        launcher job (before any process group exists) wait for its ``meta.json``."""
-        meta = Path(self.cfg.data.dir) / "meta.json"
-        if meta.is_file():
-            return
-        if _global_rank() == 0:
-            if progress and not is_terminal():
-                say(f"preparing {self.cfg.data.dir} (no progress bars: output is not a terminal)")
-            prepare_data(self.cfg.data, progress=progress and is_terminal())
-            return
-        deadline = time.monotonic() + self.cfg.engine.timeout_s + DATA_WAIT_S
-        while not meta.is_file():
-            if time.monotonic() > deadline:
-                raise UserError(f"data.dir: {self.cfg.data.dir} was not prepared by rank 0 in time; "
-                                "run `tsvd prepare` before launching")
-            time.sleep(1.0)
-
-    def _build_controller(self, dims: dict[str, tuple[int, int]]):
-        if self.cfg.rank.policy == "static":
-            return None
-        from tsvd.controller import RankController
-
-        return RankController(self.cfg.rank, dims)
 
     # ---------------------------------------------------------------- the loop
     def fit(self, stop_at: int | None = None) -> TrainSummary:
@@ -323,7 +196,7 @@ class Trainer:
     def _stoppable(self, run: "_Run"):
         """Around the loop: deferred Ctrl-C / SIGTERM with a checkpoint at the step boundary, and one
         readable line when a collective operation fails in a multi-process run."""
-        stop = _StopRequest(announce=self.engine.is_main)
+        stop = StopRequest(announce=self.engine.is_main)
         try:
             yield stop
         except Stopped as e:  # every rank agreed to stop here: one consistent checkpoint

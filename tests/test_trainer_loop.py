@@ -1,4 +1,5 @@
-"""The single-device training loop: learning, determinism, exact resume, metrics, guards."""
+"""The training loop (tsvd/trainer/loop.py), single device: learning, determinism, exact resume, metrics,
+guards."""
 
 import math
 
@@ -7,7 +8,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tsvd import checkpoint as ckpt
-from tsvd.errors import UserError
 from tsvd.inspect import describe
 from tsvd.stiefel import orthonormality_error
 from tsvd.trainer import Trainer, TrainingError, train
@@ -60,24 +60,6 @@ def test_resume_reproduces_uninterrupted_run(tiny_config, tmp_path):
     tail = second.fit()
     second.close()
     assert head.train_losses[:10] + tail.train_losses == full.train_losses  # bitwise on CPU
-
-
-def test_fresh_refuses_to_clobber_a_run(tiny_config):
-    cfg = tiny_config("train.steps=10")
-    train(cfg, progress=False)
-    with pytest.raises(UserError, match="already holds a run's checkpoints"):
-        Trainer(tiny_config("train.steps=10"), resume=None, progress=False)
-
-
-def test_checkpoint_from_a_different_model_is_refused(tiny_config):
-    train(tiny_config("train.steps=10"), progress=False)
-    with pytest.raises(UserError, match="model.dim"):
-        Trainer(tiny_config("train.steps=10", "model.dim=64"), progress=False)
-
-
-def test_vocab_mismatch_is_a_user_error(tiny_config):
-    with pytest.raises(UserError, match="model.vocab_size"):
-        Trainer(tiny_config("model.vocab_size=300"), progress=False)
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_config):

@@ -16,12 +16,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from tsvd.allocation import (budget_spent, check_ratio, loss_aware_allocation, rank_cost, ratio_budget,
-                             uniform_ranks)
+from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, ratio_budget, uniform_ranks
 from tsvd.calibration import collect_moments, collect_output_gradients, next_token_loss
 from tsvd.errors import UserError
+from tsvd.sizes import check_size
 from tsvd.spectral import INITS, SpectralLinear, check_rank
-from tsvd.spectrum import check_energy
 from tsvd.whitening import DAMPING, WhitenedSVD, whitened_svd
 
 
@@ -106,14 +105,7 @@ def spectralize(
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    if sum(x is not None for x in (rank, energy, params_ratio, budget)) != 1:
-        raise UserError("spectralize: give exactly one of rank=, energy=, params_ratio= or budget=")
-    if energy is not None:
-        check_energy(energy)
-    if params_ratio is not None:
-        check_ratio(params_ratio)
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise UserError(f"spectralize: budget must be a positive number of parameters, got {budget!r}")
+    check_size(rank=rank, energy=energy, params_ratio=params_ratio, budget=budget)
     if init is not None and rank is None:
         raise UserError("spectralize: init= builds fresh layers at rank=; it cannot be combined with init=None's "
                         "sizes (energy=, params_ratio=, budget=)")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tsvd.errors import UserError
+from tsvd.sizes import check_size
 from tsvd.spectrum import rank_for_energy
 from tsvd.stiefel import householder_qr
 
@@ -243,10 +244,9 @@ class SpectralEmbedding(SpectralModule):
 
 
 def resolve_rank(S: Tensor, rank: int | None, energy: float | None, rows: int, cols: int) -> int:
-    """Rank for a conversion: exactly one of ``rank`` / ``energy`` (singular values ``S``, descending)."""
-    if (rank is None) == (energy is None):
-        raise UserError("give exactly one of rank= or energy=")
-    if rank is not None:
+    """Rank for a conversion: exactly one of ``rank`` / ``energy`` (``tsvd.sizes``; singular values ``S``,
+    descending)."""
+    if check_size(rank=rank, energy=energy) == "rank":
         return check_rank(rank, rows, cols)
     return rank_for_energy(S, energy)
 

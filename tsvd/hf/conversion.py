@@ -18,14 +18,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from tsvd.allocation import check_ratio
 from tsvd.calibration import token_windows
 from tsvd.convert import LayerReport, format_report, matches_glob, spectralize
 from tsvd.data import load_data, read_meta
 from tsvd.errors import UserError
 from tsvd.hf.factors import load_factors, read_factor_meta, save_factors, write_json
 from tsvd.hf.loading import check_out_dir, load_hf_model, locate, require_transformers
-from tsvd.spectrum import check_energy
+from tsvd.sizes import check_positive_int, check_size
 
 REPORT_JSON, REPORT_TXT = "report.json", "report.txt"
 CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN, CALIBRATION_BATCH = 32768, 512, 4
@@ -91,21 +90,6 @@ def load_converted(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-def _check_budget(energy: float | None, rank: int | None, params_ratio: float | None = None,
-                  budget: int | None = None) -> None:
-    """Exactly one of ``energy`` / ``rank`` / ``params_ratio`` / ``budget``, each valid (checked before the
-    slow model load)."""
-    if sum(x is not None for x in (energy, rank, params_ratio, budget)) != 1:
-        raise UserError("convert: give exactly one of energy=, rank=, params_ratio= or budget=")
-    if energy is not None:
-        check_energy(energy)
-    if params_ratio is not None:
-        check_ratio(params_ratio)
-    for name, value in (("rank", rank), ("budget", budget)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UserError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_calibration_source(path: Path) -> None:
     """A readable, non-empty text file or a prepared tsvd dataset directory (before the slow load)."""
     if path.is_dir():
@@ -123,8 +107,7 @@ def calibration_windows(path: str | Path, tokenizer: Any, n_tokens: int = CALIBR
     directory (its train split, decoded with the dataset's tokenizer)."""
     path = Path(path)
     _check_calibration_source(path)
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise UserError(f"calibration tokens must be a positive integer, got {n_tokens!r}")
+    check_positive_int(n_tokens, "calibration tokens")
     if tokenizer is None:
         raise UserError("calibration needs the model's tokenizer, and the source has none")
     max_chars = 16 * (n_tokens + seq_len)  # far more characters than tokens needed; bounds the tokenizer's work
@@ -187,7 +170,7 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``).
     Steps: check the arguments, load, choose the layers, factorize (``spectralize``), save.
     """
-    _check_budget(energy, rank, params_ratio, budget)
+    check_size(rank=rank, energy=energy, params_ratio=params_ratio, budget=budget)  # before the slow load
     if calibration is not None:
         if energy is not None:
             raise UserError("convert: --calibration works with --rank, --params-ratio or --budget, not --energy")

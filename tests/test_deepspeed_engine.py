@@ -385,7 +385,7 @@ def test_cli_through_launch_script_bf16_zero3(cli_zero3_run):
 
 def test_export_of_a_deepspeed_run(cli_zero3_run, tmp_path):
     """``tsvd export`` of a ZeRO-3 run (tied embeddings): a ``LlamaForCausalLM`` whose logits are the tsvd
-    model's, rebuilt from the reassembled checkpoint (fp32; ATOL as in tests/test_hf.py)."""
+    model's, rebuilt from the reassembled checkpoint (fp32; ATOL as in tests/hf_common.py)."""
     transformers = pytest.importorskip("transformers")
     from tsvd.cli import main
     from tsvd.engine.ds_checkpoint import read_full_params

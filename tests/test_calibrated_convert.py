@@ -5,6 +5,7 @@ Each bad input is one ``tsvd: error:`` line, exit code 2, and nothing written.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -155,3 +156,51 @@ def test_calibration_from_a_prepared_dataset_is_its_text_in_the_models_tokens(ll
     expected = tok(ds.tokenizer.decode(ds.train.tolist()), add_special_tokens=False)["input_ids"]
     got = torch.cat([w[:, :-1].reshape(-1) for w in windows]).tolist()
     assert len(got) == 300 and got == expected[:300]
+
+
+def test_sequential_calibration_fits_each_layer_to_the_inputs_of_the_truncated_model():
+    """After ``spectralize(sequential=True)`` every layer is the whitened optimum for the inputs the
+    *converted* model feeds it (earlier layers already truncated), not the dense model's inputs; the
+    result is deterministic."""
+    from torch import nn
+
+    from tsvd import spectralize
+    from tsvd.calibration import collect_moments
+    from tsvd.whitening import whitened_svd
+
+    def mlp(d: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(d, 3 * d), nn.Tanh(), nn.Linear(3 * d, d))
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(mlp(8), nn.Tanh(), mlp(8))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(16, 8, generator=g) for _ in range(3)]
+    loss_fn = lambda m, x: m(x).square().mean()  # noqa: E731
+    names = ["0.0", "0.2", "2.0", "2.2"]
+
+    def convert(sequential: bool) -> nn.Module:
+        model = copy.deepcopy(dense)
+        report = spectralize(model, ["*.*"], rank=3, calibration=xs, loss_fn=loss_fn, sequential=sequential)
+        assert [r.name for r in report] == names and all(r.rank == 3 for r in report)
+        return model
+
+    seq, oneshot = convert(True), convert(False)
+    final, _ = collect_moments(seq, {n: seq.get_submodule(n) for n in names}, xs, loss_fn)
+    first, _ = collect_moments(dense, {n: dense.get_submodule(n) for n in names}, xs, loss_fn)
+    for n in names:
+        expected = whitened_svd(dense.get_submodule(n).weight, final.moment(n)).weight(3).float()
+        torch.testing.assert_close(seq.get_submodule(n).to_linear().weight, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(final.moment("0.0"), first.moment("0.0"), rtol=0, atol=0)  # the first layer: same inputs
+    assert not torch.allclose(final.moment("2.2"), first.moment("2.2"), rtol=1e-2)  # later: truncated inputs
+    assert not torch.allclose(seq.get_submodule("2.2").to_linear().weight,
+                              oneshot.get_submodule("2.2").to_linear().weight, rtol=1e-3, atol=1e-4)
+    again = convert(True)
+    assert all(torch.equal(a, b) for a, b in zip(seq.state_dict().values(), again.state_dict().values()))
+
+
+def test_sequential_needs_calibration():
+    from torch import nn
+
+    from tsvd import UserError, spectralize
+    with pytest.raises(UserError, match="sequential=True needs calibration="):
+        spectralize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ["*"], rank=2, sequential=True)

@@ -111,3 +111,40 @@ def test_upper_gram_is_the_upper_triangle_of_the_product(dtype):
     full = rows.double().T @ rows.double()
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-1}[dtype]
     torch.testing.assert_close(upper_gram(rows).double().triu(), full.triu(), rtol=tol, atol=tol)
+
+
+class TwoMlps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Mlp(), Mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_forward_stages_group_shared_inputs_in_forward_order():
+    from tsvd.calibration import forward_stages
+    model = TwoMlps()
+    # registration order differs from the forward order: the stages follow the forward
+    layers = {n: model.get_submodule(n) for n in ("b.down", "a.up", "b.gate", "a.down", "a.gate", "b.up")}
+    stages = forward_stages(model, layers, torch.randn(2, 8), lambda m, x: m(x).sum())
+    assert stages == [["a.gate", "a.up"], ["a.down"], ["b.gate", "b.up"], ["b.down"]]
+    assert all(not layer._forward_pre_hooks for layer in layers.values())
+    assert forward_stages(model, {"a.down": model.a.down, "b.up": model.b.up}, torch.randn(2, 8),
+                          lambda m, x: m.a(x).sum()) == [["a.down"]]  # b.up is never fed
+
+
+def test_stage_moments_stop_the_pass_at_the_stage_and_equal_the_full_pass():
+    from tsvd.calibration import stage_moments
+    model = TwoMlps()
+    xs = [torch.randn(3, 8), torch.randn(5, 8)]
+    later: list[int] = []
+    h = model.b.gate.register_forward_pre_hook(lambda m, a: later.append(1))
+    loss_fn = lambda m, x: m(x).square().mean()  # noqa: E731
+    stage = {"a.gate": model.a.gate, "a.up": model.a.up}
+    moments = stage_moments(model, stage, xs, loss_fn)
+    h.remove()
+    assert later == []  # nothing after the stage ran
+    full, _ = collect_moments(model, stage, xs, loss_fn)
+    torch.testing.assert_close(moments.moment("a.up"), full.moment("a.up"), rtol=0, atol=0)
+    assert moments.rows("a.gate") == 8 and not model.a.up._forward_pre_hooks

@@ -8,6 +8,11 @@ Llama block's ``q/k/v`` or ``gate/up`` projections) share one statistic and its 
 Each batch's product is formed in the input's dtype (float32: a sum over one batch's tokens, relative
 rounding ~1e-7·√tokens) and added to the float64 total, so the total's rounding does not grow with
 the number of batches.
+
+Sequential calibration (``forward_stages``, ``stage_moments``) measures one stage of layers at a time,
+on the inputs the model produces *now*: after the earlier stages have been replaced, a later layer is
+calibrated on the outputs of the truncated layers before it. Each stage costs one pass over the
+calibration batches, cut short once the stage's layers have seen their inputs.
 """
 
 from __future__ import annotations
@@ -191,3 +196,59 @@ def collect_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Ite
             count += batch.shape[0]
             moments.end_batch()
     return moments, total / max(count, 1)
+
+
+def forward_stages(model: nn.Module, layers: dict[str, nn.Linear], batch: Tensor,
+                   loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> list[list[str]]:
+    """The ``layers`` in the order one forward pass ``loss_fn(model, batch)`` first feeds them, grouped into
+    stages: consecutive layers fed the same tensor (a Llama block's ``q/k/v``, ``gate/up``) form one
+    stage, every other layer its own. Layers the pass never feeds are left out."""
+    order: list[tuple[str, Tensor]] = []
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            if name not in {n for n, _ in order}:
+                order.append((name, args[0]))
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    for k, (name, x) in enumerate(order):
+        if k > 0 and x is order[k - 1][1]:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    return stages
+
+
+class _StageDone(Exception):
+    """Raised by the last layer of a stage to end a calibration pass early."""
+
+
+@torch.no_grad()
+def stage_moments(model: nn.Module, stage: dict[str, nn.Linear], batches: Iterable[Tensor],
+                  loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> InputMoments:
+    """Input moments of one stage's layers (``forward_stages``; the dict in forward order) over the
+    batches. Each pass stops when the stage's last layer receives its input: the rest of the model is
+    not run (so a layer fed more than once per pass is measured on its first input only)."""
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise _StageDone
+
+    with InputMoments(stage) as moments:
+        handle = list(stage.values())[-1].register_forward_pre_hook(stop)  # runs after the moment hook
+        try:
+            for batch in batches:
+                try:
+                    loss_fn(model, batch)
+                except _StageDone:
+                    pass
+                moments.end_batch()
+        finally:
+            handle.remove()
+    return moments

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, ratio_budget, uniform_ranks
-from tsvd.calibration import collect_moments, collect_output_gradients, next_token_loss
+from tsvd.calibration import (collect_moments, collect_output_gradients, forward_stages, next_token_loss,
+                              stage_moments)
 from tsvd.errors import UserError
 from tsvd.sizes import check_size
 from tsvd.spectral import INITS, SpectralLinear, check_rank
@@ -81,6 +82,7 @@ def spectralize(
     calibration: Sequence[Tensor] | None = None,
     allocation: str | None = None,
     sensitivity_batches: int = 4,
+    sequential: bool = False,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
     damping: float = DAMPING,
     log: Callable[[str], None] | None = None,
@@ -99,6 +101,9 @@ def spectralize(
     calibration inputs, and ``allocation="loss"`` (the default there) spends the budget where the
     model's calibration loss rises most per parameter (``loss_aware_ranks``: a backward pass over the
     first ``sensitivity_batches`` batches); ``allocation="uniform"`` keeps the same fraction per layer.
+    ``sequential=True`` (with ``calibration``) then factors the layers stage by stage in forward order,
+    each on the inputs produced by the already-converted layers before it (``sequential_factors``; the
+    ranks stay those chosen above, from the unconverted model).
     ``init="scaled"`` / ``"sct"`` builds fresh spectral layers at ``rank`` instead. Models on the
     ``meta`` device get fresh meta layers (sizing without allocation; needs ``rank``).
     ``log`` receives a progress line per layer.
@@ -119,6 +124,8 @@ def spectralize(
         raise UserError(f"spectralize: allocation must be 'loss' or 'uniform', got {allocation!r}")
     if allocation == "loss" and (calibration is None or rank is not None):
         raise UserError("spectralize: allocation='loss' needs calibration= and params_ratio= or budget=")
+    if sequential and calibration is None:
+        raise UserError("spectralize: sequential=True needs calibration=")
 
     chosen = [(n, m) for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and matches_glob(n, targets) and not matches_glob(n, exclude)]
@@ -143,12 +150,16 @@ def spectralize(
             budget = budget if budget is not None else ratio_budget(shapes, ratio)
     if calibration is not None:
         layers = dict(chosen)
-        whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log)
         if ranks is None:
-            ranks = {n: min(rank, w.max_rank) for n, w in whitened.items()}
+            ranks = {n: min(rank, *shapes[n]) for n in layers}
+        if sequential and allocation == "uniform":  # the ranks need no pass over the unconverted model
+            return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
+        whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log)
         if allocation == "loss":
             whitened, ranks = loss_aware_ranks(model, layers, whitened, budget, calibration[:sensitivity_batches],
                                                loss_fn, log=log)
+        if sequential:
+            return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
         return replace_with_factors(model, layers, whitened, ranks, log)
 
     report: list[LayerReport] = []
@@ -191,6 +202,32 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
             log(f"  whitened SVD {k + 1}/{len(layers)} {name} ({moments.rows(name):,} input rows, "
                 f"{time.perf_counter() - t1:.1f} s)")
     return out
+
+
+def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
+                       ranks: dict[str, int], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                       damping: float = DAMPING, log: Callable[[str], None] | None = None) -> list[LayerReport]:
+    """Replace the layers by whitened rank-``ranks[name]`` factors one stage at a time, in forward order
+    (``tsvd.calibration.forward_stages``): each stage's input moments are measured on the model with
+    every earlier stage already replaced, so a layer's factors are optimal for the inputs the truncated
+    model gives it. Memory: one stage's statistics; time: one (shortened) calibration pass per stage.
+    The report is in forward order; layers the forward pass never feeds are refused."""
+    if len(calibration) == 0:
+        raise UserError("spectralize: calibration has no batches")
+    stages = forward_stages(model, layers, calibration[0], loss_fn)
+    missing = set(layers) - {n for stage in stages for n in stage}
+    if missing:
+        raise UserError(f"calibration: layer {sorted(missing)[0]} saw no input (is it used in the model's forward?)")
+    report: list[LayerReport] = []
+    t0 = time.perf_counter()
+    for k, stage in enumerate(stages):
+        part = {n: layers[n] for n in stage}
+        moments = stage_moments(model, part, calibration, loss_fn)
+        whitened = {n: whitened_svd(lin.weight, moments.moment(n), damping) for n, lin in part.items()}
+        report += replace_with_factors(model, part, whitened, {n: ranks[n] for n in stage}, log)
+        if log is not None:
+            log(f"sequential stage {k + 1}/{len(stages)} ({', '.join(stage)}): {time.perf_counter() - t0:.1f} s")
+    return report
 
 
 def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD], budget: int,

@@ -21,10 +21,12 @@ input second moments of every block projection over the first ``--calibration-to
 (one pass, cached under ``--work``), an output-gradient moment pass over ``--sensitivity-batches``
 (cached), then at each ``--ratios`` and for MLP-only and all projections four arms at equal
 parameters — plain SVD, whitened SVD at uniform ranks, whitened with loss-aware ranks (per layer and
-per direction) — with test loss on ``tutorial/`` and validation loss on the ``howto/`` text after the
-calibration tokens. The MLP arm with the best validation loss at ``--headline-ratio`` is fine-tuned on
-``--finetune-text``, saved, exported dense and reloaded in transformers. ``--resume`` keeps the arms
-already in ``--out``. Timings: forward passes and hooks separately, whitened SVDs, gradient pass.
+per direction; with ``--sequential`` also the loss-aware ranks with sequentially calibrated factors,
+``tsvd.convert.sequential_factors``) — with test loss on ``tutorial/`` and validation loss on the
+``howto/`` text after the calibration tokens. The MLP arm with the best validation loss at
+``--headline-ratio`` is fine-tuned on ``--finetune-text``, saved, exported dense and reloaded in
+transformers. ``--resume`` keeps the arms already in ``--out``. Timings: forward passes and hooks
+separately, whitened SVDs, gradient pass, each arm's conversion.
 
 Text (offline, English): the reST sources of the Python 3.11 documentation (Debian ``python3.11-doc``,
 ``/usr/share/doc/python3.11/html/_sources``): perplexity on ``tutorial/`` (held out), fine-tuning
@@ -53,7 +55,7 @@ import torch  # noqa: E402
 from tsvd.config import TrainConfig  # noqa: E402
 from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, uniform_ranks  # noqa: E402
 from tsvd.calibration import InputMoments, collect_output_gradients, next_token_loss, token_windows  # noqa: E402
-from tsvd.convert import LayerReport, matches_glob, replace_with_factors, spectralize  # noqa: E402
+from tsvd.convert import LayerReport, matches_glob, replace_with_factors, sequential_factors, spectralize  # noqa: E402
 from tsvd.whitening import whitened_svd  # noqa: E402
 from tsvd.hf import (FineTuner, export, finetune, load_hf_model, perplexity, report_dict,  # noqa: E402
                      require_transformers, sample_batch, save_converted)
@@ -271,14 +273,18 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
     def run_arm(targets: str, ratio: float, arm: str) -> None:
         if (targets, ratio, arm) in {(r["targets"], r["ratio"], r["arm"]) for r in rows}:
             return
-        model, report = build_arm(dense, whitened, grads["moments"], targets, ratio, arm)
-        row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm)
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        model, report = build_arm(dense, whitened, grads["moments"], targets, ratio, arm,
+                                  windows[:args.sequential_batches or None])
+        extra = {"convert_s": round(time.perf_counter() - t0, 1), "load_avg": [load0, os.getloadavg()[0]]}
+        row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm, **extra)
         rows.append(row)
         save()
         log(f"{targets}@{ratio} {arm}: ranks {row['rank_min']}-{row['rank_max']}, params x{row['params_ratio']}, "
             f"test loss {row['test']['loss']}, val loss {row['val']['loss']}")
 
     main_arms, h = ("plain", "whitened-uniform", "loss-layer"), args.headline_ratio
+    later_arms = ("loss-direction",) + (("loss-layer-seq",) if args.sequential else ())
     # order: the headline's arms, its fine-tune, the other targets, the per-direction variant, other ratios
     for arm in main_arms:
         run_arm("mlp", h, arm)
@@ -290,15 +296,22 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
         save()
         del model
     for ratio in args.ratios:
-        for arms in (main_arms, ("loss-direction",)):
+        for arms in (main_arms, later_arms):
             for targets in args.targets:
                 for arm in arms:
                     run_arm(targets, ratio, arm)
 
 
-def build_arm(dense, whitened: dict, grad_moments: dict, targets: str, ratio: float, arm: str):
+def build_arm(dense, whitened: dict, grad_moments: dict, targets: str, ratio: float, arm: str, windows=()):
     """``(model, report)``: a copy of ``dense`` with the ``targets`` projections at ``ratio`` of their
-    parameters by ``arm``: plain SVD, whitened at uniform ranks, or whitened with loss-aware ranks."""
+    parameters by ``arm``: plain SVD, whitened at uniform ranks, or whitened with loss-aware ranks;
+    ``<arm>-seq``: the ranks of ``<arm>``, factors calibrated sequentially on ``windows``
+    (``tsvd.convert.sequential_factors``)."""
+    if arm.endswith("-seq"):
+        model, report = build_arm(dense, whitened, grad_moments, targets, ratio, arm.removesuffix("-seq"))
+        model = copy.deepcopy(dense)
+        ranks = {r.name: r.rank for r in report}
+        return model, sequential_factors(model, {n: model.get_submodule(n) for n in ranks}, windows, ranks, log=log)
     model = copy.deepcopy(dense)
     chosen = [n for n in projections(dense) if matches_glob(n, TARGETS[targets])]
     if arm == "plain":
@@ -364,6 +377,10 @@ def main() -> None:
     p.add_argument("--stop-after", choices=["moments"], help="stop after this cached phase")
     p.add_argument("--sensitivity-batches", type=int, default=2, help="calibration batches for the gradient moments")
     p.add_argument("--val-windows", type=int, default=4, help="validation windows (howto after the calibration text)")
+    p.add_argument("--sequential", action="store_true",
+                   help="also the loss-layer ranks with factors calibrated sequentially (one shortened pass per stage)")
+    p.add_argument("--sequential-batches", type=int, default=0,
+                   help="calibration batches for the sequential passes (0: all)")
     p.add_argument("--headline-ratio", type=float, default=0.8)
     p.add_argument("--finetune-text", default="reference", help="docs subfolder for the headline fine-tune")
     p.add_argument("--resume", action="store_true", help="keep the arms already in --out")

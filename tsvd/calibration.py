@@ -136,7 +136,8 @@ class InputMoments:
 class OutputGradientMoments:
     """``with OutputGradientMoments(layers) as m: <forward + backward passes>``; then ``m.moment(name)`` is
     ``Σ g gᵀ`` (float64, ``out×out``) over the gradients ``g = ∂loss/∂y`` of every output row of layer
-    ``name``: the (empirical Fisher) curvature of the loss in the layer's output space."""
+    ``name``: the (empirical Fisher) curvature of the loss in the layer's output space (complete once the
+    ``with`` block has ended; the products are formed as upper triangles, like ``InputMoments``)."""
 
     def __init__(self, layers: dict[str, nn.Linear]) -> None:
         self.layers = layers
@@ -152,11 +153,13 @@ class OutputGradientMoments:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for name, acc in self._sums.items():
+            self._sums[name] = acc.triu() + acc.triu(1).T
 
     def _hook(self, name: str) -> Callable:
         def accumulate(g: Tensor) -> None:
             rows = g.detach().reshape(-1, g.shape[-1])
-            gram = rows.T @ rows
+            gram = upper_gram(rows)
             if name in self._sums:
                 self._sums[name] += gram
             else:

@@ -107,7 +107,7 @@ def test_stacked_retraction_allocates_only_small_matrices_after_the_first_call()
     retractor = Retractor(model, stack=True)
     retractor()  # lays the factors out in stacks and allocates one spare per stack shape
     storages = {p.untyped_storage().data_ptr() for p in factors.values()}
-    storages |= {b.untyped_storage().data_ptr() for b in retractor._spares.values()}
+    storages |= {b.untyped_storage().data_ptr() for b in retractor.stacks.spares.values()}
     with torch.no_grad():
         for p in factors.values():
             p.add_(1e-3 * torch.randn_like(p).sign())

@@ -1,4 +1,6 @@
-"""Retractor / retract_ / attach_retraction on a small model with several same-shape factors.
+"""Retractor / retract_ / attach_retraction on a small model with several same-shape factors
+(tests/retraction_common.py). The stacked layout is tested in test_factor_stacks.py, the amortized
+schedule in test_retraction_schedule.py.
 
 Tolerances: orthonormality after a fp32 retraction is ~1e-6 (see test_stiefel.py); 1e-5 is the
 contract. Chunked vs unchunked runs execute the same LAPACK/BLAS calls on identical inputs, but a
@@ -11,55 +13,12 @@ import copy
 
 import pytest
 import torch
+from retraction_common import NAMES, TOL, make_net, ortho, perturb_, run_steps, snapshot
 from torch import nn
 
-from tsvd import Retractor, SpectralEmbedding, SpectralLinear, attach_retraction, retract_
+from tsvd import Retractor, SpectralLinear, attach_retraction, retract_
 from tsvd.retraction import spectral_factors
-from tsvd.stiefel import drift, gram, householder_qr, orthonormality_error
-
-TOL = 1e-5
-
-
-class Net(nn.Module):
-    """Spectral embedding + three same-shape spectral linears (batched together) + a dense head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = SpectralEmbedding(50, 16, 4)
-        self.a = SpectralLinear(16, 32, 4)
-        self.b = SpectralLinear(16, 32, 4)
-        self.c = SpectralLinear(16, 32, 4)
-        self.d = SpectralLinear(32, 16, 4)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        h = torch.tanh(self.a(h) + self.b(h) * self.c(h))
-        return self.head(torch.tanh(self.d(h)))
-
-
-NAMES = ["emb.U", "emb.V", "a.U", "a.V", "b.U", "b.V", "c.U", "c.V", "d.U", "d.V"]
-
-
-def make_net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return Net()
-
-
-def ortho(p: torch.Tensor) -> float:
-    return float(orthonormality_error(p.detach()))
-
-
-@torch.no_grad()
-def perturb_(model: nn.Module, lr: float, seed: int = 0) -> None:
-    """An Adam-sized step on every factor: each entry moves by ±lr."""
-    g = torch.Generator().manual_seed(seed)
-    for p in spectral_factors(model).values():
-        p.add_(lr * torch.randn(p.shape, generator=g).sign())
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in spectral_factors(model).items()}
+from tsvd.stiefel import drift, gram, householder_qr
 
 
 def test_spectral_factors_names_and_root_module():
@@ -220,95 +179,9 @@ def test_bad_method_is_rejected():
         Retractor(make_net(), method="qr")
 
 
-# ---- stacked (batched) retraction -----------------------------------------------------------
-# Bitwise: a matrix is computed as a stack of one on the per-factor path (tsvd.stiefel.matmul), so both
-# paths run the same kernels on the same numbers; the DeepSpeed engine (per factor) and TorchEngine
-# (stacked) rely on it to agree bitwise on one process.
 
 
-@pytest.mark.parametrize("lr", [1e-3, 8e-2])  # one Cholesky pass; large: CholeskyQR2 / Householder for some
-def test_stacked_retraction_equals_per_factor(lr):
-    a, b = make_net(), make_net()
-    perturb_(a, lr)
-    perturb_(b, lr)
-    ra, rb = Retractor(a, stack=True), Retractor(b)
-    rep_a, rep_b = ra(measure_error=True), rb(measure_error=True)
-    assert sorted(rep_a.retracted) == sorted(rep_b.retracted) == sorted(NAMES)
-    assert sorted(rep_a.fallbacks) == sorted(rep_b.fallbacks)
-    fa, fb = spectral_factors(a), spectral_factors(b)
-    for name in NAMES:
-        assert torch.equal(fa[name], fb[name]), name
-        assert ra.cache[name].drift == rb.cache[name].drift
-        assert ra.cache[name].error <= TOL
-
-
-def test_stacked_retraction_reuses_its_stacks_and_restacks_moved_factors():
-    model = make_net()
-    retractor = Retractor(model, stack=True, stack_bytes=2 * 16 * 4 * 4)  # two 16×4 factors per stack
-    factors = spectral_factors(model)
-    storages = set()
-    for k in range(5):
-        perturb_(model, 1e-2, seed=k)
-        retractor()
-        current = {p.untyped_storage().data_ptr() for p in factors.values()}
-        assert len(current) < len(factors)  # shared stacks
-        storages |= current
-        assert max(ortho(p) for p in factors.values()) <= TOL
-    assert len(storages) <= len(retractor._stacks) + len(retractor._spares)  # rotated, never reallocated
-    with torch.no_grad():
-        model.a.U.data = model.a.U.data.clone() + 0.05  # new storage, off the manifold (as after a resize)
-    retractor()
-    assert ortho(model.a.U) <= TOL
-    assert model.a.U.untyped_storage().nbytes() > model.a.U.numel() * 4  # back in a stack
-
-
-def test_stacked_retraction_falls_back_to_householder():
-    model = make_net()
-    with torch.no_grad():
-        model.b.U[:, 1] = model.b.U[:, 0]  # rank-deficient: Cholesky fails
-        model.c.V.mul_(1.6)  # drift ≈ 1.56·√4 > MAX_CHOLESKY_DRIFT
-    retractor = Retractor(model, stack=True)
-    report = retractor()
-    assert set(report.fallbacks) == {"b.U", "c.V"}
-    assert retractor.cache["c.V"].householder and not retractor.cache["a.U"].householder
-    assert ortho(model.c.V) <= TOL and ortho(model.a.U) <= TOL
-    Q = householder_qr(make_net().c.V.detach() * 1.6)[0]
-    assert torch.equal(model.c.V.detach(), Q)
-
-
-# ---- amortized schedule ----------------------------------------------------------------------
-
-
-def run_steps(retractor: Retractor, steps: int, lr: float = 1e-3, first_seed: int = 0) -> list:
-    reports = []
-    for k in range(steps):
-        perturb_(retractor.model, lr, seed=first_seed + k)
-        reports.append(retractor.after_step())
-    return reports
-
-
-@pytest.mark.parametrize("stack", [True, False])
-def test_amortized_schedule_retracts_each_factor_once_per_every_steps(stack):
-    retractor = Retractor(make_net(), every=3, stack=stack)
-    reports = run_steps(retractor, 9)
-    for start in range(0, 9, 3):
-        window = [n for r in reports[start:start + 3] for n in r.retracted]
-        assert sorted(window) == sorted(NAMES)  # each exactly once per 3 steps
-    # spread: the same-shape group {a,b,c}.{U,V} (6 factors of 16×4 / 32×4) is split evenly over the phases
-    per_step = [sorted(r.retracted) for r in reports[:3]]
-    assert [sum(n in ("a.U", "b.U", "c.U") for n in step) for step in per_step] == [1, 1, 1]
-    assert not any(r.early for r in reports)
-
-
-def test_amortized_drift_bound_retracts_early():
-    retractor = Retractor(make_net(), every=4, drift_limit=0.05)
-    reports = run_steps(retractor, 12, lr=4e-3)  # ~0.02–0.04 drift per step on these small factors
-    early = [n for r in reports for n in r.early]
-    assert early, "no early retraction although the predicted drift passes the limit"
-    for r in reports[4:]:  # once every factor has a measured rate
-        assert r.max_drift <= 0.05 + max(retractor.schedule.rate.values())  # at most one step past the limit
-        assert r.predicted_drift <= 0.05
-    assert all(a <= 3 for a in retractor.schedule.age.values())
+# ---- amortized mode: the Retractor's side (the schedule itself: test_retraction_schedule.py) -------------
 
 
 def test_retract_all_makes_every_factor_exact_and_is_a_no_op_when_strict():
@@ -325,23 +198,6 @@ def test_retract_all_makes_every_factor_exact_and_is_a_no_op_when_strict():
     strict = Retractor(make_net(), stack=True)
     run_steps(strict, 2)
     assert not strict.stale() and not strict.retract_all().retracted
-
-
-@pytest.mark.parametrize("stack", [True, False])
-def test_amortized_state_resumes_bitwise(stack):
-    full = Retractor(make_net(), every=3, stack=stack, drift_limit=0.02)
-    run_steps(full, 8, lr=3e-3)
-
-    head = Retractor(make_net(), every=3, stack=stack, drift_limit=0.02)
-    run_steps(head, 4, lr=3e-3)  # mid-cycle
-    saved_params, saved_state = copy.deepcopy(head.model.state_dict()), copy.deepcopy(head.state_dict())
-    tail = Retractor(make_net(seed=1), every=3, stack=stack, drift_limit=0.02)
-    tail.model.load_state_dict(saved_params)
-    tail.load_state_dict(saved_state)
-    run_steps(tail, 4, lr=3e-3, first_seed=4)
-    for name, p in spectral_factors(full.model).items():
-        assert torch.equal(p, spectral_factors(tail.model)[name]), name
-    assert full.state_dict() == tail.state_dict()
 
 
 def test_every_and_lazy_tol_are_exclusive():

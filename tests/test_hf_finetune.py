@@ -10,6 +10,7 @@ from hf_common import converted, hf_dir, tiny_language  # noqa: F401  (fixtures)
 
 from tsvd.config import TrainConfig
 from tsvd.hf.conversion import load_converted
+from tsvd.hf.factors import FACTORS_FILE, save_factors
 from tsvd.hf.finetune import FineTuner, finetune, perplexity, sample_batch
 from tsvd.spectral import SpectralLinear
 from tsvd.stiefel import drift, gram
@@ -32,6 +33,32 @@ def test_finetune_converted_model_retracts(converted):  # noqa: F811
     assert len(result.losses) == 12 and n == 8 * 16 and result.skipped == []
     assert after < before - 0.5
     assert max_drift(model) < 1e-4
+
+
+def test_amortized_finetune_hands_back_exactly_orthonormal_factors(converted, tmp_path):  # noqa: F811
+    """With ``train.retract_every=4`` the last steps leave factors off the manifold (checked on a
+    ``FineTuner`` run of the same steps); ``finetune`` retracts them all before it returns, so the
+    saved factors are exactly orthonormal. Tolerance: the factors are fp32, where a Cholesky-QR
+    retraction leaves ~1e-6 (test_stiefel.py) and 1e-5 is the repair threshold (``repair_tolerance``)."""
+    from safetensors.torch import load_file
+
+    out, _ = converted
+    data = tiny_language()
+    train = TrainConfig(steps=6, batch_size=4, seq_len=16, lr=3e-3, spectral_lr=3e-3, core_lr=3e-3,
+                        warmup_steps=0, weight_decay=0.0, retract_every=4)
+    model, _ = load_converted(out)
+    tuner, gen = FineTuner(model, train), torch.Generator().manual_seed(0)
+    for _ in range(train.steps):
+        tuner.step([sample_batch(data, train.batch_size, train.seq_len, gen)])
+    assert tuner.engine.retractor.stale() and max_drift(model) > 1e-3  # left for later by the schedule
+
+    model, _ = load_converted(out)
+    result = finetune(model, data, train, seed=0)
+    assert len(result.losses) == 6 and not model.training
+    saved = load_file(str(save_factors(model, tmp_path / "tuned") / FACTORS_FILE))
+    factors = [t for n, t in saved.items() if n.endswith((".U", ".V"))]
+    assert factors and all(t.dtype == torch.float32 for t in factors)
+    assert max(float(drift(gram(t.double()))) for t in factors) <= 1e-5
 
 
 @pytest.mark.parametrize("poison", ["U", "s"])

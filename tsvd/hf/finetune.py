@@ -3,8 +3,9 @@
 
 A step is ``TorchEngine.train_step`` — the trainer's single-process step — with ``lm_loss`` as its
 loss: per-component AdamW groups, the warmup + cosine schedule, autocast (``train.dtype``), clipping,
-the non-finite loss / gradient / core guards, and a retraction after every applied step (a skipped
-step leaves factors and optimizer state untouched).
+the non-finite loss / gradient / core guards, and the retraction that follows every applied step (of
+every factor, or with ``train.retract_every = k`` of the factors due; a skipped step leaves factors and
+optimizer state untouched). ``finetune`` retracts every factor exactly before it hands the model back.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class FineTuner:
 
     AdamW over tsvd's per-component groups (``train.spectral_lr`` for ``U``/``V``, ``train.core_lr``
     for ``s``, ``train.lr`` for dense weights; frozen parameters are skipped), the warmup + cosine
-    schedule of ``train``, gradient clipping, and a retraction of every factor after every applied step.
+    schedule of ``train``, gradient clipping, and the engine's retraction after every applied step. With
+    ``train.retract_every > 1`` some factors are left for later: ``retract_all`` before reading ``s`` as
+    the spectrum, evaluating or saving.
     """
 
     def __init__(self, model: nn.Module, train: TrainConfig) -> None:
@@ -100,6 +103,10 @@ class FineTuner:
             self.skipped.append(self.steps_done)
         return result.loss, result.retraction.seconds, result.retraction.max_drift
 
+    def retract_all(self) -> float:
+        """Make every factor exactly orthonormal again (a no-op in strict mode); returns its seconds."""
+        return self.engine.retract_all().seconds
+
 
 @dataclass
 class FinetuneResult:
@@ -114,7 +121,8 @@ def finetune(model: nn.Module, tokens: Tensor, train: TrainConfig, *, seed: int 
              callback: Callable[[int, float, float], None] | None = None) -> FinetuneResult:
     """Fine-tune ``model`` for ``train.steps`` steps (``FineTuner``) on random windows of a 1-D token
     tensor (``train.batch_size × train.seq_len``, ``train.grad_accum`` micro-batches per step).
-    ``callback(step, loss, seconds)`` runs after every step; the model is left in eval mode."""
+    ``callback(step, loss, seconds)`` runs after every step. The model is handed back with every factor
+    exactly orthonormal (``FineTuner.retract_all``, also with ``train.retract_every > 1``) and in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     tuner = FineTuner(model, train)
     losses: list[float] = []
@@ -129,6 +137,7 @@ def finetune(model: nn.Module, tokens: Tensor, train: TrainConfig, *, seed: int 
             losses.append(loss)
             if callback is not None:
                 callback(step + 1, loss, time.perf_counter() - t0)
+        t_retract += tuner.retract_all()
     finally:
         model.eval()
     return FinetuneResult(losses, time.perf_counter() - t_start, t_retract, max_drift, tuner.skipped)

@@ -8,7 +8,8 @@
 #   NUM_GPUS     processes on this node (default: all visible GPUs, else 2)
 #   ZERO         ZeRO stage 0–3 (default 2), picks configs/ds/zero$ZERO.json (…-bf16.json with BF16=1)
 #   DS_CONFIG    a DeepSpeed JSON instead of ZERO/BF16
-#   BF16=1       bf16 autocast (also sets train.dtype=bfloat16)
+#   BF16=1       DeepSpeed's native bf16: bf16 parameters, fp32 masters (also sets train.dtype=bfloat16)
+#   BF16=autocast  bf16 torch autocast over fp32 parameters (…-bf16-autocast.json, train.dtype=bfloat16)
 #   MASTER_PORT  rendezvous port (default: a free one)
 # Run from the repository root. See docs/distributed.md.
 set -euo pipefail
@@ -20,6 +21,7 @@ if [ -z "${NUM_GPUS:-}" ]; then
 fi
 suffix=""; dtype=()
 if [ "${BF16:-0}" = 1 ]; then suffix="-bf16"; dtype=(--set train.dtype=bfloat16); fi
+if [ "${BF16:-0}" = autocast ]; then suffix="-bf16-autocast"; dtype=(--set train.dtype=bfloat16); fi
 DS_CONFIG=${DS_CONFIG:-configs/ds/zero${ZERO:-2}${suffix}.json}
 MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "from tsvd.distributed import free_port; print(free_port())")}
 # Threads per rank are set by the engine (cores / local ranks); this covers work done at import time.

@@ -19,6 +19,7 @@ HOSTFILE=${HOSTFILE:-launch/hostfile}
 [ -f "$HOSTFILE" ] || { echo "no hostfile at $HOSTFILE (copy launch/hostfile.example)" >&2; exit 2; }
 suffix=""; dtype=()
 if [ "${BF16:-0}" = 1 ]; then suffix="-bf16"; dtype=(--set train.dtype=bfloat16); fi
+if [ "${BF16:-0}" = autocast ]; then suffix="-bf16-autocast"; dtype=(--set train.dtype=bfloat16); fi
 DS_CONFIG=${DS_CONFIG:-configs/ds/zero${ZERO:-2}${suffix}.json}
 MASTER_ADDR=${MASTER_ADDR:-$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1; exit}')}
 exec deepspeed --hostfile "$HOSTFILE" --launcher "${LAUNCHER:-pdsh}" \

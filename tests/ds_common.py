@@ -80,27 +80,24 @@ def broadcast_list(engine, value: list | None) -> list:
 @contextlib.contextmanager
 def poison_s(engine, enabled: bool = True, layer: str = POISONED_S):
     """While active, every optimizer update writes an infinity into element 0 of ``layer``'s fp32 ``s`` —
-    where the optimizer keeps it: the parameter itself (``TorchEngine``, ZeRO-0), or the one rank's
-    partition that holds element 0 (ZeRO 1–3), so the other ranks see it only through ZeRO."""
+    where the optimizer keeps it: the parameter itself (``TorchEngine``), or the DeepSpeed engine's fp32
+    master piece that holds element 0 (every rank's at stage 0; one rank's partition at ZeRO 1–3, so the
+    other ranks see it only through ZeRO)."""
     if not enabled:
         yield
         return
     s = engine.model.get_submodule(layer).s
-    stage = getattr(engine, "stage", 0)
+    masters = getattr(engine, "masters", None)
 
     def hook(optimizer, args, kwargs) -> None:
-        if stage == 0:
+        if masters is None:
             s.data[0] = math.inf
-        elif stage in (1, 2):
-            mapping = s._hp_mapping
-            if mapping is not None and mapping.lp_fragment_address.start == 0:
-                mapping.hp_fragment.data[0] = math.inf
-        elif engine.rank == 0:
-            from deepspeed.utils import safe_get_local_fp32_param
+            return
+        piece = masters.piece(s)
+        if piece is not None and piece.start == 0:
+            piece.values[0] = math.inf
 
-            safe_get_local_fp32_param(s).data[0] = math.inf
-
-    optimizer = engine.adam.base if stage else engine.optimizer
+    optimizer = engine.adam.base if masters is not None else engine.optimizer
     handle = optimizer.register_step_post_hook(hook)
     try:
         yield

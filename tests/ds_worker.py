@@ -8,12 +8,17 @@ Nothing is asserted here: a failed check on one rank must not leave the other ha
 collective; the test asserts on the written records.
 
 Spec keys: ``ds_config`` (path), ``steps``, ``start`` (first step index), ``save_at`` (step index
-after which to save, into ``save_dir``), ``resume`` (checkpoint directory to load first), ``poison``
+after which to save, into ``save_dir``), ``resume`` (checkpoint directory to load first), ``reload``
+(after the last step, load ``save_dir`` into the same engine and train steps ``save_at + 1 …`` again,
+records marked ``"replay"``), ``record_every`` (record only every k-th step and the last; default 1),
+``poison``
 (step whose loss rank ``world−1`` turns infinite), ``poison_s`` (step whose optimizer update leaves
 an infinity in one ``s``: ``ds_common.poison_s``), ``sloppy`` (step whose Cholesky-QR results are off, so
 the measured retraction must repair them: ``ds_common.sloppy_retraction``), ``rank_change`` (shrink a
 layer after the last step and train one more), ``check_finite`` (at the end: ``non_finite_record``),
-``sketch_growth`` (at the end: ``sketch_growth_record``), ``dtype``.
+``sketch_growth`` (at the end: ``sketch_growth_record``), ``dtype``, ``fp16_on_cpu`` (let DeepSpeed's CPU
+accelerator take fp16, which it refuses where oneDNN lacks fp16 kernels; torch's CPU kernels compute
+fp16 anyway, slowly, which is enough to run the engine's fp16 logic: loss scaling, overflow skips).
 """
 
 from __future__ import annotations
@@ -40,22 +45,22 @@ def param_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def factor_errors(engine) -> dict[str, float]:
-    """Max orthonormality error of the working factors and of the fp32 master (ZeRO 1–3), collective."""
+    """Max orthonormality error of the fp32 masters (what the optimizer updates) and of the working
+    factors, and the largest difference between a working factor and its master rounded to the working
+    dtype (0: the working copy is the master's rounding); collective."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
 
     from tsvd.retraction import spectral_factors
     from tsvd.stiefel import orthonormality_error
 
-    factors = spectral_factors(engine.model)
+    factors = list(spectral_factors(engine.model).values())
+    masters = engine.masters.full(factors)
     work, master, mismatch = 0.0, 0.0, 0.0
-    with deepspeed.zero.GatheredParameters(list(factors.values()), modifier_rank=None, enabled=engine.stage == 3):
-        for p in factors.values():
-            work = max(work, float(orthonormality_error(p.data)))
-            if engine.stage > 0:
-                m = safe_get_full_fp32_param(p).reshape(p.shape)
-                master = max(master, float(orthonormality_error(m)))
-                mismatch = max(mismatch, float((m - p.data).abs().max()))
+    with deepspeed.zero.GatheredParameters(factors, modifier_rank=None, enabled=engine.stage == 3):
+        for p, m in zip(factors, masters):
+            work = max(work, float(orthonormality_error(p.data.float())))
+            master = max(master, float(orthonormality_error(m)))
+            mismatch = max(mismatch, float((m.to(p.dtype).float() - p.data.float()).abs().max()))
     return {"work": work, "master": master, "master_vs_work": mismatch}
 
 
@@ -66,6 +71,10 @@ def main(spec_path: str) -> None:
 
     from tsvd.engine.deepspeed_engine import DeepSpeedEngine
 
+    if spec.get("fp16_on_cpu"):
+        from deepspeed.accelerator import get_accelerator
+
+        type(get_accelerator()).is_fp16_supported = lambda self: True
     cfg = ds_common.make_config(spec["ds_config"], spec.get("dtype", "float32"))
     model = ds_common.tiny_model()
     engine = DeepSpeedEngine(cfg, model)
@@ -73,13 +82,21 @@ def main(spec_path: str) -> None:
     if spec.get("resume"):
         client = engine.load(Path(spec["resume"]))
         records.append({"event": "resumed", "client_state": client})
+    every = spec.get("record_every", 1)
     for step in range(spec.get("start", 0), spec["steps"]):
         res = ds_common.spec_step(engine, cfg, step, spec)
-        records.append(step_record(engine, step, res))
+        if step % every == 0 or step == spec["steps"] - 1:
+            records.append(step_record(engine, step, res))
         if step == spec.get("save_at"):
             engine.save(Path(spec["save_dir"]), {"step": step + 1, "ranks": {ds_common.SHRUNK: 5}})
             records.append({"event": "saved", "dir": spec["save_dir"],
                             "hash": param_hash(engine.gather_training_state().params)})
+    if spec.get("reload"):
+        client = engine.load(Path(spec["save_dir"]))
+        records.append({"event": "reloaded", "client_state": client})
+        for step in range(spec["save_at"] + 1, spec["steps"]):
+            res = ds_common.spec_step(engine, cfg, step, spec)
+            records.append(dict(step_record(engine, step, res), replay=True))
     engine.model.poison = False
     if spec.get("rank_change"):
         records.append(rank_change_record(engine))
@@ -100,6 +117,7 @@ def main(spec_path: str) -> None:
 
 
 def step_record(engine, step: int, res) -> dict:
+    """What every rank saw after ``step``; hashes of the parameters are of the fp32 masters."""
     state = engine.gather_training_state()
     cores = {n for n in state.params if n.endswith(".s")}
     return {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "reason": res.reason,
@@ -113,17 +131,18 @@ def step_record(engine, step: int, res) -> dict:
 
 
 def non_finite_record(engine) -> dict:
-    """``non_finite_parameters`` on the trained model, then with an infinity in one factor — on every rank
-    (stages 0–2 hold full, identical copies) or in rank 0's partition only (ZeRO-3) — then repaired."""
+    """``non_finite_parameters`` on the trained model, then with an infinity in element 0 of one factor's
+    master — on every rank where each holds it whole (stage 0; fp32 copies at stages 1–2), else in the one
+    rank's piece that holds element 0 — then repaired."""
     clean = engine.non_finite_parameters()
     module, _, leaf = ds_common.POISONED_FACTOR.rpartition(".")
     p = getattr(engine.model.get_submodule(module), leaf)
-    local = p.ds_tensor if engine.stage == 3 else p.data
-    saved = local.reshape(-1)[0].item()
-    if engine.stage != 3 or engine.rank == 0:
-        local.reshape(-1)[0] = float("inf")
+    saved = engine.masters.full([p])[0].clone()
+    poisoned_value = saved.clone()
+    poisoned_value.view(-1)[0] = float("inf")
+    engine.masters.write_(p, poisoned_value)
     poisoned = engine.non_finite_parameters()
-    local.reshape(-1)[0] = saved
+    engine.masters.write_(p, saved)
     return {"event": "non_finite", "clean": clean, "poisoned": poisoned}
 
 
@@ -160,6 +179,7 @@ def rank_change_record(engine) -> dict:
                 optimizer_state[name][key] = value.index_select(-1, idx).contiguous()
 
     root = engine.model
+    scale_before = getattr(engine.optimizer, "loss_scale", 1.0)
     engine.apply_rank_change(surgery)
     after = engine.gather_training_state()
     idx = torch.tensor(ds_common.broadcast_list(engine, kept.get("idx")))
@@ -170,7 +190,8 @@ def rank_change_record(engine) -> dict:
                     for n, t in before.params.items())
     return {"event": "rank_change", "moments_ok": moments_ok, "params_ok": params_ok, "same_root": engine.model is root,
             "shape": list(after.params[resized[0]].shape), "adam_step": [before.adam_step, after.adam_step],
-            "lrs": [before.lrs, after.lrs], "counters": [before.counters, after.counters]}
+            "lrs": [before.lrs, after.lrs], "counters": [before.counters, after.counters],
+            "loss_scale": [scale_before, getattr(engine.optimizer, "loss_scale", 1.0)]}
 
 
 def rank_plan_record(engine, cfg, step: int) -> dict:

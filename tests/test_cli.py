@@ -259,7 +259,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("ds-config-optimizer", lambda c: _deepspeed(c, '{"optimizer": {"type": "Adam"}}'), ["ds.json: remove 'optimizer'"]),
     ("ds-config-bad-stage", lambda c: _deepspeed(c, '{"zero_optimization": {"stage": 5}}'),
      ["zero_optimization.stage must be 0, 1, 2 or 3"]),
-    ("ds-config-dtype-mismatch", lambda c: _deepspeed(c, (REPO / "configs/ds/zero2-bf16.json").read_text()),
+    ("ds-config-dtype-mismatch", lambda c: _deepspeed(c, (REPO / "configs/ds/zero2-bf16-autocast.json").read_text()),
      ["torch_autocast is on but train.dtype is float32"]),
     ("inspect-missing", lambda c: ["inspect", str(c.case / "no-run")], ["no-run: no tsvd checkpoint here"]),
     ("inspect-empty-dir", lambda c: ["inspect", str(c.case)], ["no tsvd checkpoint here"]),

@@ -8,15 +8,16 @@ cannot tell them apart, and a run on N processes follows the single-process run 
 Invariants after every ``train_step`` (and after ``load`` / ``apply_rank_change``):
 
 * every rank holds bitwise identical parameters;
-* every spectral factor is orthonormal, both in the copy the next forward uses and in the fp32 master
-  copy the optimizer updates (ZeRO 1–3 keep a separate one, and at stages 1–2 an edit of the working
-  copy alone is overwritten by the next step; tests/test_deepspeed_engine.py checks both copies);
+* every spectral factor's fp32 master (what the optimizer updates: ``mixed_precision.MasterWeights``)
+  is orthonormal, and the copy the next forward uses equals it (fp32) or is its rounding (bf16/fp16
+  parameters); an edit of the working copy alone would be overwritten by the next step
+  (tests/test_deepspeed_engine.py and tests/test_deepspeed_bf16.py check both copies);
 * every parameter is contiguous.
 
-The pieces live beside this module: ``retraction_owners`` (each factor retracted by one owner rank,
-results broadcast), ``zero_params`` (ZeRO layouts: full shapes, local slices, plain-module copies),
-``rebuild`` (the state a rank change carries over), ``ds_checkpoint`` (reading checkpoints safely,
-without an engine).
+The pieces live beside this module: ``mixed_precision`` (the fp32 masters at every stage and
+precision), ``retraction_owners`` (each factor retracted by one owner rank, results broadcast),
+``zero_params`` (ZeRO layouts: full shapes, local slices, plain-module copies), ``rebuild`` (the state a
+rank change carries over), ``ds_checkpoint`` (reading checkpoints safely, without an engine).
 
 What the trainer should know:
 
@@ -24,10 +25,9 @@ What the trainer should know:
   batch keys (``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``,
   ``train_batch_size``) and ``gradient_clipping`` are always filled from ``train.*``; the optimizer is
   built here (``tsvd.optim``: per-component groups) and the lr is set every step, so the JSON must not
-  carry ``optimizer`` or ``scheduler``. Precision: ``train.dtype: bfloat16`` is torch autocast with
-  fp32 parameters (as in ``TorchEngine``), i.e. the JSON's ``torch_autocast`` section; DeepSpeed's
-  ``bf16``/``fp16`` modes (low-precision parameters) are refused — the retraction must read and write
-  the fp32 master, which those modes keep out of reach.
+  carry ``optimizer`` or ``scheduler``. Precision (``tsvd.engine.ds_config``): fp32; DeepSpeed's native
+  ``bf16`` (or ``fp16``, where the accelerator computes in it) — 16-bit parameters, fp32 masters, which
+  the retraction, the checks and rank changes read and write; or torch autocast over fp32 parameters.
 * Checkpoints are DeepSpeed checkpoints (one directory per ``save``), loaded with
   ``torch.load(weights_only=True)``. ``client_state`` must therefore hold only plain containers,
   numbers, strings and tensors.
@@ -53,13 +53,13 @@ from tsvd.config import Config
 from tsvd.controller import RankChange, RankPlan
 from tsvd.engine.base import Batch, Engine, StepResult
 from tsvd.engine.core_guard import CoreSnapshot, bad_cores_reason, finite_flags
-from tsvd.engine.ds_checkpoint import TAG, read_full_params, weights_only_loader
-from tsvd.engine.ds_config import resolve_ds_config, zero_stage
+from tsvd.engine.ds_checkpoint import MASTER_NAMES, TAG, read_full_params, weights_only_loader
+from tsvd.engine.ds_config import native_precision, read_ds_config, resolve_ds_config, zero_stage
+from tsvd.engine.mixed_precision import MasterWeights
 from tsvd.engine.rebuild import (COUNTERS, MOMENTS, NamedState, TrainingState, ZeroAdamState, broadcast_surgery,
                                  run_on_main)
 from tsvd.engine.retraction_owners import OwnedRetraction
-from tsvd.engine.zero_params import (GATHER_BYTES, adopt_, chunks_by_bytes, make_contiguous_, materialize,
-                                     meta_skeleton, zero3_valid_part)
+from tsvd.engine.zero_params import adopt_, make_contiguous_, materialize, meta_skeleton
 from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
@@ -80,6 +80,7 @@ __all__ = ["DeepSpeedEngine", "Surgery", "read_full_params", "weights_only_loade
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: Config, model: nn.Module) -> None:
         self.cfg = cfg
+        self.param_dtype = self._check_precision(cfg)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines come from every rank
         info = distributed.launch_info()
         distributed.configure_threads(distributed.threads_per_rank(cfg.train.threads, info.local_world_size))
@@ -92,6 +93,17 @@ class DeepSpeedEngine(Engine):
         self._initialize(model)
 
     @staticmethod
+    def _check_precision(cfg: Config) -> torch.dtype:
+        """The parameters' dtype the JSON asks for; fp16 only where DeepSpeed's accelerator computes in it
+        (checked before any process group exists)."""
+        source = cfg.engine.deepspeed_config
+        dtype = getattr(torch, native_precision(read_ds_config(source), source) or "float32")
+        if dtype == torch.float16 and not get_accelerator().is_fp16_supported():
+            raise UserError(f"{source}: fp16 is on, but DeepSpeed's {get_accelerator().device_name()} accelerator "
+                            f"cannot compute in fp16 on this machine; use bf16 (configs/ds/zero*-bf16.json)")
+        return dtype
+
+    @staticmethod
     def _check_device(requested: str) -> None:
         actual = get_accelerator().device_name()
         if requested not in ("auto", actual) and torch.device(requested).type != actual:
@@ -101,25 +113,33 @@ class DeepSpeedEngine(Engine):
     # ---- construction ------------------------------------------------------------------
 
     def _initialize(self, model: nn.Module) -> None:
-        """Wrap a plain module: same start on every rank, fresh optimizer, ``deepspeed.initialize``."""
+        """Wrap a plain fp32 module: same start on every rank, fresh optimizer, ``deepspeed.initialize``.
+        With 16-bit parameters the masters are set to the module's fp32 values (DeepSpeed would start
+        them from the rounded copies), so a rank change or a fresh start loses no precision."""
         make_contiguous_(model)
         self._broadcast_module(model)
         self.skeleton = meta_skeleton(model)
+        fp32_values = [p.data for p in model.parameters()]  # DeepSpeed rounds the parameters, not these
         optimizer = build_adamw(model, self.cfg.train, get_accelerator().device_name())
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.engine.checkpoint_engine.load = weights_only_loader
         self.model = self.engine.module
         self.device = self.engine.device
-        self.adam = ZeroAdamState(self.optimizer, self.stage)
+        self.masters = MasterWeights(self.optimizer, self.stage, self.param_dtype, self.device)
+        self.adam = ZeroAdamState(self.optimizer, self.stage, self.masters)
+        if self.masters.low_precision:
+            for p, value in zip(self.model.parameters(), fp32_values):
+                self.masters.write_(p, value)
+            self.adam.base.state.clear()  # stage 0's wrapper took an AdamW step on zero gradients to create it
         schedule = self.retractor.state_dict() if hasattr(self, "retractor") else None  # a rebuild keeps it
         self.retractor = Retractor(self.model, self.cfg.train.retraction, self.cfg.train.lazy_tol,
                                    every=self.cfg.train.retract_every)
         if schedule is not None:
             self.retractor.load_state_dict(schedule)
         # What every step reads, fixed until the next rebuild (ZeRO keeps these parameter objects).
-        self.retraction = OwnedRetraction(self.retractor, list(spectral_factors(self.model).items()), self.stage,
-                                       self.device)
+        self.retraction = OwnedRetraction(self.retractor, list(spectral_factors(self.model).items()), self.masters,
+                                          self.device)
         self.cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
         names = [g.get("name") for g in self.optimizer.param_groups]
         self.cores_group = names.index("cores") if "cores" in names else None
@@ -161,9 +181,12 @@ class DeepSpeedEngine(Engine):
             if i < last:
                 self.engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
         before = CoreSnapshot.take(self._core_tensors(), self.adam.base)
+        scale = self._loss_scale()
         grad_norm, skipped = self._optimizer_step()
         if skipped:
-            return StepResult(mean_loss, grad_norm, True, RetractionReport())
+            overflow = self.param_dtype == torch.float16 and math.isfinite(mean_loss)
+            reason = f"fp16 gradients overflowed at loss scale {scale:g}: step skipped, scale lowered" if overflow else ""
+            return StepResult(mean_loss, grad_norm, True, RetractionReport(), reason=reason)
         bad = self._non_finite_cores()
         if bad:  # keep the old s (and its Adam state) on every rank; the factors keep their update
             before.restore_(self.adam.base)
@@ -174,16 +197,17 @@ class DeepSpeedEngine(Engine):
 
     def _core_tensors(self) -> list[Tensor]:
         """Every tensor of this rank that an optimizer step writes for the ``cores`` group (the ``s``):
-        the fp32 tensors AdamW updates — the ``s`` themselves at stage 0, this rank's flat partition of
-        the group under ZeRO (one per sub-group at stage 3) — and the working copies ZeRO derives from
-        them: the full ``s`` at stages 1–2, the local partition (plus the full copy of a persistent ``s``)
-        at stage 3. Full copies are given as the parameters: ZeRO-3 swaps a persistent one's ``.data``
-        when it re-gathers it after the step, and a restore must write into the current storage."""
+        the fp32 tensors AdamW updates — the ``s`` (or their fp32 masters) at stage 0, this rank's flat
+        partition of the group under ZeRO (one per sub-group at stage 3) — and the working copies derived
+        from them: the full ``s`` at stages 0–2 (bf16/fp16 at stage 0), the local partition (plus the full
+        copy of a persistent ``s``) at stage 3. Full copies are given as the parameters: ZeRO-3 swaps a
+        persistent one's ``.data`` when it re-gathers it after the step, and a restore must write into the
+        current storage."""
         group, cores = self.cores_group, list(self.cores.values())
         if group is None:
             return []
         if self.stage == 0:
-            return cores
+            return [self.masters.master(s) for s in cores] + (cores if self.masters.low_precision else [])
         if self.stage in (1, 2):
             return [self.optimizer.single_partition_of_fp32_groups[group]] + cores
         masters = [flat for sub, flat in enumerate(self.optimizer.fp32_partitioned_groups_flat)
@@ -199,20 +223,23 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def _non_finite(self, params: dict[str, nn.Parameter]) -> list[str]:
-        """Names of ``params`` holding a NaN or an infinity, the same list on every rank: stages 0–2 see
-        full copies, identical everywhere; at stage 3 each rank checks its partition and the verdicts
-        are combined (one small all-reduce)."""
-        seen = [zero3_valid_part(p) if self.stage == 3 else p.data for p in params.values()]
+        """Names of ``params`` whose fp32 master holds a NaN or an infinity, the same list on every rank:
+        where every rank holds the masters whole they are identical everywhere; otherwise each rank
+        checks its pieces and the verdicts are combined (one small all-reduce)."""
+        seen = [self.masters.local(p) for p in params.values()]
         bad = (~finite_flags(seen)).to(device=self.device, dtype=torch.int32)
-        if self.stage == 3 and self.world_size > 1:
+        if self.masters.partitioned and self.world_size > 1:
             dist.all_reduce(bad)
         return [n for n, b in zip(params, bad.tolist()) if b]
 
+    def _loss_scale(self) -> float:
+        """DeepSpeed's current loss scale (fp16; 1 otherwise)."""
+        return float(self.optimizer.loss_scale) if self.param_dtype == torch.float16 else 1.0
+
     def _optimizer_step(self) -> tuple[float, bool]:
-        """The boundary ``engine.step()``; returns (gradient norm before clipping, skipped). ZeRO 1–3
-        compute the norm and skip non-finite steps themselves (consistently over ranks); stage 0 does
-        neither, so it is done here."""
-        if self.stage == 0:
+        """The boundary ``engine.step()``; returns (gradient norm before clipping, skipped). ZeRO 1–3 and the 16-bit optimizers compute the norm and skip non-finite steps themselves
+        (consistently over ranks); stage 0 in fp32 does neither, so it is done here."""
+        if self.stage == 0 and not self.masters.low_precision:
             norm, skipped = self._clip_or_drop_grads()
             self.engine.step()
             self.engine.skipped_steps += int(skipped)  # counted as DeepSpeed counts its own skips
@@ -249,21 +276,18 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def spectra(self) -> dict[str, Tensor]:
-        cores = {n: m.s for n, m in self.model.named_modules() if isinstance(m, SpectralModule)}
-        with deepspeed.zero.GatheredParameters(list(cores.values()), modifier_rank=None, enabled=self.stage == 3):
-            return {n: s.detach().float().cpu().clone() for n, s in cores.items()}
+        """The fp32 masters of every ``s`` (collective where the masters are partitioned)."""
+        values = self.masters.full(list(self.cores.values()))
+        return {n: v.detach().float().cpu().clone() for n, v in zip(self.cores, values)}
 
     @torch.no_grad()
     def sketch_factors(self, layers: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
-        """ZeRO-3: the layers' factors gathered and copied (a few at a time is the caller's choice: the
-        controller sketches only the layers about to grow); other stages hold them whole."""
-        if self.stage != 3:
-            return super().sketch_factors(layers)
+        """The layers' fp32 master factors (collective where the masters are partitioned; a few layers at
+        a time is the caller's choice: the controller sketches only the layers about to grow). Where every
+        rank holds them, the live tensors."""
         modules = dict(self.model.named_modules())
-        pairs = {name: (modules[name].U, modules[name].V) for name in layers}
-        gathered = [p for pair in pairs.values() for p in pair]
-        with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None):
-            return {name: (U.detach().clone(), V.detach().clone()) for name, (U, V) in pairs.items()}
+        values = iter(self.masters.full([p for name in layers for p in (modules[name].U, modules[name].V)]))
+        return {name: (next(values), next(values)) for name in layers}
 
     # ---- checkpoints -------------------------------------------------------------------
 
@@ -272,6 +296,12 @@ class DeepSpeedEngine(Engine):
         per-layer ranks (``read_client_state`` reads the client state back without an engine)."""
         state = {"tsvd_client_state": client_state, "tsvd_spectral_ranks": spectral_ranks(self.model),
                  "tsvd_retraction": self.retractor.state_dict()}
+        if self.stage == 0 and self.masters.low_precision:  # name the masters for read_full_params
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            state[MASTER_NAMES] = {"groups": [[names[id(p)] for p in g] for g in self.optimizer.fp16_groups],
+                                   "aliases": {alias: names[id(p)] for alias, p in
+                                               self.model.named_parameters(remove_duplicate=False)
+                                               if names[id(p)] != alias}}
         self.engine.save_checkpoint(str(path), tag=TAG, client_state=state, save_latest=False)
 
     def load(self, path: Path) -> dict:
@@ -342,20 +372,20 @@ class DeepSpeedEngine(Engine):
         self._restore(state)
 
     def gather_training_state(self) -> TrainingState:
-        """Full parameters and Adam state as plain CPU tensors, identical on every rank (collective)."""
+        """Full fp32 master parameters and Adam state as plain CPU tensors, identical on every rank
+        (collective)."""
         named = list(self.model.named_parameters())
         params: dict[str, Tensor] = {}
-        for chunk in chunks_by_bytes(named, GATHER_BYTES):
-            gathered = [p for _, p in chunk]
-            with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=self.stage == 3):
-                params.update({n: p.detach().cpu().clone() for n, p in chunk})
+        for chunk in self.masters.chunks(named):
+            values = self.masters.full([p for _, p in chunk])
+            params.update({n: v.detach().cpu().clone() for (n, _), v in zip(chunk, values)})
         adam_step, moments = self.adam.step_count(), {}
         if adam_step > 0:
             self.adam.relink()
             moments = {n: {k: self.adam.get(p, k) for k in MOMENTS} for n, p in named}
         counters = {k: int(getattr(self.engine, k)) for k in COUNTERS}
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        return TrainingState(params, moments, adam_step, lrs, counters)
+        return TrainingState(params, moments, adam_step, lrs, counters, getattr(self.optimizer, "loss_scaler", None))
 
     def _teardown(self) -> None:
         """Release the DeepSpeed engine. ZeRO-3 also keeps its module on a global stack
@@ -366,10 +396,10 @@ class DeepSpeedEngine(Engine):
         old = self.engine.module
         self.engine.destroy()
         parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not old]
-        del self.engine, self.optimizer, self.model, self.adam, self.retractor, self.retraction, self.cores
+        del self.engine, self.optimizer, self.model, self.masters, self.adam, self.retractor, self.retraction, self.cores
 
     def _restore(self, state: TrainingState) -> None:
-        """Put Adam's moments and step, the lrs and DeepSpeed's counters back into a fresh engine."""
+        """Put Adam's moments and step, the lrs, DeepSpeed's counters and loss scaler back into a fresh engine."""
         if state.adam_step > 0:
             self._create_adam_state()
             self.adam.relink()
@@ -383,6 +413,8 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
         for key, value in state.counters.items():
             setattr(self.engine, key, value)
+        if state.loss_scaler is not None:  # as DeepSpeed's own load_checkpoint does
+            self.optimizer.loss_scaler = state.loss_scaler
 
     def _create_adam_state(self) -> None:
         """One optimizer step at lr 0 on a zero loss: AdamW allocates its state and changes no parameter

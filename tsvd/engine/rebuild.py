@@ -13,10 +13,11 @@ from typing import Callable
 
 import deepspeed.comm as dist
 import torch
-from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-from deepspeed.utils import safe_set_local_optimizer_state
+from deepspeed.runtime.base_optimizer import DeepSpeedOptimizer
+from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state, safe_set_local_optimizer_state
 from torch import Tensor, nn
 
+from tsvd.engine.mixed_precision import MasterWeights
 from tsvd.engine.zero_params import full_shape, zero3_local_slice
 
 #: Adam's state tensors, as torch.optim.AdamW names them.
@@ -34,6 +35,7 @@ class TrainingState:
     adam_step: int  # optimizer steps applied (AdamW's bias-correction counter)
     lrs: list[float]  # param_groups' current lr, in group order
     counters: dict[str, int]  # DeepSpeed's COUNTERS
+    loss_scaler: object = None  # ZeRO's loss scaler (fp16: the dynamic scale and its history), carried as is
 
 
 class NamedState:
@@ -46,15 +48,17 @@ class NamedState:
 
 class ZeroAdamState:
     """Adam's per-parameter state behind DeepSpeed's ``optimizer`` at ZeRO ``stage``, read and written as
-    full tensors. Reads at stages 1–3 are collectives: every rank calls them in the same order."""
+    full tensors. Reads at stages 1–3 are collectives: every rank calls them in the same order. At stage 0
+    AdamW's state is keyed by the tensor it updates, ``masters.master(p)`` (``p`` itself in fp32)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, stage: int) -> None:
-        self.optimizer, self.stage = optimizer, stage
+    def __init__(self, optimizer: torch.optim.Optimizer, stage: int, masters: MasterWeights) -> None:
+        self.optimizer, self.stage, self.masters = optimizer, stage, masters
 
     @property
     def base(self) -> torch.optim.Optimizer:
-        """The torch AdamW doing the update (ZeRO wraps it; stage 0 uses it directly)."""
-        return self.optimizer.optimizer if self.stage > 0 else self.optimizer
+        """The torch AdamW doing the update (ZeRO and the 16-bit stage-0 optimizer wrap it; fp32 stage 0
+        uses it directly)."""
+        return self.optimizer.optimizer if isinstance(self.optimizer, DeepSpeedOptimizer) else self.optimizer
 
     def step_count(self) -> int:
         """Optimizer steps applied so far (0 before the first; the same for every parameter)."""
@@ -77,13 +81,13 @@ class ZeroAdamState:
     def get(self, p: nn.Parameter, key: str) -> Tensor:
         """The full ``key`` moment of ``p`` as a CPU copy (call ``relink`` first)."""
         if self.stage == 0:
-            return self.base.state[p][key].detach().cpu().clone()
+            return self.base.state[self.masters.master(p)][key].detach().cpu().clone()
         return safe_get_full_optimizer_state(p, key).detach().reshape(full_shape(p)).cpu().clone()
 
     def set(self, p: nn.Parameter, key: str, value: Tensor) -> None:
         """Write the full ``value`` (the same on every rank) as ``p``'s ``key`` moment."""
         if self.stage == 0:
-            self.base.state[p][key].copy_(value)
+            self.base.state[self.masters.master(p)][key].copy_(value)
         elif self.stage == 3:
             safe_set_local_optimizer_state(p, zero3_local_slice(p, value), key)
         else:

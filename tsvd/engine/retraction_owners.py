@@ -1,27 +1,29 @@
-"""Retraction spread over data-parallel ranks: each factor has one owner rank, which retracts it with
-the shared ``Retractor`` and broadcasts the result, so every rank ends with identical, orthonormal
-factors in both the working copy and ZeRO's fp32 master.
+"""Retraction spread over data-parallel ranks: each factor has one owner rank, which retracts its fp32
+master with the shared ``Retractor`` and broadcasts the result, so every rank ends with identical,
+orthonormal masters and working copies (the rounding of the master under bf16/fp16).
 
 Owners are assigned once per (re)build, balancing the Cholesky-QR cost ``rows·rank²`` greedily. Stage 0
 never re-synchronizes replicas by itself, so broadcasting from owners is also what keeps its factors
-bitwise equal across ranks. ZeRO 1–3 keep a separate fp32 master that the optimizer updates: a
-retraction written only into the working copy would be overwritten by the next step, so the master is
-written too (stages 1–2: the full value, no communication; stage 3: this rank's slice of the
-zero-padded value, inside a gather of at most ``GATHER_BYTES``).
+bitwise equal across ranks. The masters are read and written through ``MasterWeights``: where each rank
+holds them whole (stage 0; fp32 working copies at stages 1–2) the owner retracts them in place;
+otherwise each owner first receives its factors' masters, summed from every rank's pieces (one reduce
+per owner, at most ``GATHER_BYTES`` of fp32 at a time). The ``Retractor`` works on the parameters it
+finds in the model, so while it runs each factor's ``.data`` is its fp32 master value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from typing import Iterator
 
-import deepspeed
 import deepspeed.comm as dist
 import torch
-from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
-from torch import nn
+from torch import Tensor, nn
 
-from tsvd.engine.zero_params import GATHER_BYTES, chunks_by_bytes, full_shape, zero3_local_slice
+from tsvd.engine.mixed_precision import MasterWeights
+from tsvd.engine.zero_params import full_shape
 from tsvd.retraction import RetractionReport, Retractor
 
 
@@ -50,9 +52,9 @@ class OwnedRetraction:
     the DeepSpeed-wrapped model) on their owner ranks and share the results and diagnostics with all
     ranks. All ranks call it together with the same names (the amortized schedule is the same everywhere)."""
 
-    def __init__(self, retractor: Retractor, factors: list[tuple[str, nn.Parameter]], stage: int,
+    def __init__(self, retractor: Retractor, factors: list[tuple[str, nn.Parameter]], masters: MasterWeights,
                  device: torch.device) -> None:
-        self.retractor, self.factors, self.stage, self.device = retractor, factors, stage, device
+        self.retractor, self.factors, self.masters, self.device = retractor, factors, masters, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.owners = assign_owners({n: retraction_cost(full_shape(p)) for n, p in factors}, self.world_size)
 
@@ -64,24 +66,31 @@ class OwnedRetraction:
         if names is not None:
             keep = set(names)
             factors = [(n, p) for n, p in factors if n in keep]
-        if self.stage == 3:
-            for chunk in chunks_by_bytes(factors, GATHER_BYTES):
-                with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0):
-                    self._retract_owned_and_share(chunk, measure)
-                    for _, p in chunk:
-                        safe_set_local_fp32_param(p, zero3_local_slice(p, p.data))
-                # leaving the context re-broadcasts from rank 0 (identical by now) and re-partitions
-        else:
-            self._retract_owned_and_share(factors, measure)
-            if self.stage in (1, 2):
-                for _, p in factors:
-                    safe_set_full_fp32_param(p, p.data)
+        for chunk in self.masters.chunks(factors):
+            params = [p for _, p in chunk]
+            values = self._masters_on_owners(chunk)
+            with holding(params, values):
+                self._retract_owned_and_share(chunk, measure)
+            for p, value in zip(params, values):
+                self.masters.write_(p, value)
         report = self._merge_reports([n for n, _ in factors])
         report.seconds = time.perf_counter() - t0
         return report
 
+    def _masters_on_owners(self, chunk: list[tuple[str, nn.Parameter]]) -> list[Tensor]:
+        """Full fp32 masters of ``chunk``: every one on every rank where they are held whole, else each on
+        its owner (scratch elsewhere, overwritten by the owner's broadcast)."""
+        if not self.masters.partitioned:
+            return self.masters.full([p for _, p in chunk])
+        values: dict[str, Tensor] = {}
+        for owner in range(self.world_size):
+            owned = [(n, p) for n, p in chunk if self.owners[n] == owner]
+            if owned:
+                values.update(zip([n for n, _ in owned], self.masters.full([p for _, p in owned], dst=owner)))
+        return [values[n] for n, _ in chunk]
+
     def _retract_owned_and_share(self, factors: list[tuple[str, nn.Parameter]], measure: bool) -> None:
-        """Retract this rank's factors among ``factors`` (full tensors in ``p.data``), then broadcast each
+        """Retract this rank's factors among ``factors`` (full fp32 masters in ``p.data``), then broadcast each
         rank's results so that every rank holds all of them."""
         self.retractor(only=[n for n, _ in factors if self.owners[n] == self.rank], measure_error=measure)
         if self.world_size == 1:
@@ -122,3 +131,17 @@ class OwnedRetraction:
             if c.repaired:
                 report.repaired.append(name)
         return report
+
+
+@contextlib.contextmanager
+def holding(params: list[nn.Parameter], values: list[Tensor]) -> Iterator[None]:
+    """While active, each parameter's ``.data`` is the matching value (its full fp32 master), so that
+    the ``Retractor``, which reads and writes the model's parameters, works on the masters."""
+    saved = [p.data for p in params]
+    try:
+        for p, v in zip(params, values):
+            p.data = v
+        yield
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d

@@ -58,10 +58,11 @@ def zero3_local_slice(p: nn.Parameter, full: Tensor) -> Tensor:
     return padded.narrow(0, n * dist.get_rank(group=group), n)
 
 
-def zero3_valid_part(p: nn.Parameter) -> Tensor:
-    """This rank's ZeRO-3 partition of ``p`` without the zero padding past the parameter's end."""
+def zero3_partition(p: nn.Parameter) -> tuple[int, int]:
+    """``(start, count)``: this rank's ZeRO-3 partition of ``p`` holds elements ``start … start + count``
+    of the flattened full value (``count`` excludes the zero padding past the parameter's end)."""
     n, rank = p.ds_tensor.numel(), dist.get_rank(group=p.ds_process_group)
-    return p.ds_tensor.reshape(-1).narrow(0, 0, max(0, min(n, full_numel(p) - n * rank)))
+    return n * rank, max(0, min(n, full_numel(p) - n * rank))
 
 
 def make_contiguous_(model: nn.Module) -> None:

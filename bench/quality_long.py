@@ -59,7 +59,7 @@ SPECTRAL = "[q,k,v,o,gate,up,down]"
 OVERSAMPLE = 8  # tsvd.sketch.OVERSAMPLE (kept here so the report needs no torch import)
 LRS = [1.5e-3, 3e-3, 6e-3]
 SPECTRAL_LRS = LRS + [1.2e-2]  # uniform and adaptive won at 6e-3 or above, the top of LRS: bracketed above
-UNIFORM_LRS = SPECTRAL_LRS + [2.4e-2]  # uniform won again at the top (1.2e-2)
+UNIFORM_LRS = SPECTRAL_LRS + [2.4e-2, 4.8e-2]  # uniform won again at the top (1.2e-2, then 2.4e-2)
 
 
 @dataclass
@@ -124,11 +124,32 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
         Arm("adaptive", "adaptive: configs/tsvd-adaptive.yaml's policy (energy 0.95, grow_tail 0.05), core_lr 10×lr",
             spec + energy, lrs if smoke else SPECTRAL_LRS, core_ratio=10.0),
         Arm("budget-ramp", f"budget: rank {r0} → budget ramp ×2.6 until step {ramp_sched[2].split('=')[1]}, "
-            "protect 1, grow_init 0.25", budget, lrs),
+            "protect 1, grow_init 0.25", budget, lrs, optional=True),
         Arm("adaptive-protect", "adaptive with protect 1 and grow_init 0.25 (new directions: one step against the "
             "sketched gradient, one decision of protection)", spec + protected, lrs, core_ratio=10.0, optional=True),
-    ] + amortized
-    return out, common, sweep_steps
+    ]
+    # ablations of the adaptive arm: its optimizer settings (LR, core_lr = 10 × lr) with the controller off, at
+    # the uniform rank and at a fixed rank with about the adaptive arm's average parameters (0.6 × the rank)
+    adaptive, static_rank = out[2], max(4, round(rank * 0.6))
+    static = sched + ["rank.policy=static"]
+    out += [Arm("uniform-core10", f"uniform static rank {rank} with the adaptive arm's LRs (core_lr 10×lr)",
+                spec + static, [], core_ratio=10.0, optional=True, lr_from=adaptive),
+            Arm(f"static-r{static_rank}", f"static rank {static_rank} (≈ the adaptive arm's average parameters), "
+                "the adaptive arm's LRs (core_lr 10×lr)",
+                [o.replace(f".rank={rank}", f".rank={static_rank}") for o in spec] + static, [], core_ratio=10.0,
+                optional=True, lr_from=adaptive),
+            Arm("budget-core10", f"budget policy from rank {rank}, budget = the initial parameters (= uniform's), the "
+                "adaptive arm's LRs (core_lr 10×lr)", spec + sched + [
+                    "rank.policy=budget", "rank.budget_params=0", "rank.growth_factor=1.5", "rank.min_rank=4",
+                    f"rank.max_rank={4 * rank}", "rank.max_shrink=0.5", "rank.hysteresis=0.05",
+                    "rank.grow_directions=gradient"], [], core_ratio=10.0, optional=True, lr_from=adaptive)]
+    # the same budget allocated by Fisher saliency s²·E[(∂L/∂s)²] (loss units) instead of energy shares;
+    # new directions are protected for one decision (they start at s = 0, worth nothing yet)
+    fisher = [o for o in out[-1].overrides] + ["rank.score=fisher", "rank.protect=1"]
+    out.append(Arm("budget-fisher", f"budget policy from rank {rank}, budget = uniform's parameters, Fisher "
+                   "saliency score, protect 1, the adaptive arm's LRs (core_lr 10×lr)", fisher, [], core_ratio=10.0,
+                   optional=True, lr_from=adaptive))
+    return out + amortized, common, sweep_steps
 
 
 def lr_overrides(arm: Arm, lr: float) -> list[str]:
@@ -543,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model on byte-level stdlib (CI)")
     ap.add_argument("--out", default=None, help="output folder (default runs/quality-long or runs/quality-long-smoke)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    ap.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms (default: all but the optional "
-                    "adaptive-protect)")
+    ap.add_argument("--arms", nargs="+", metavar="ARM", help="only these arms (default: dense, uniform, "
+                    "adaptive)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the main runs (default 0 1)")
     ap.add_argument("--report-only", action="store_true", help="no training: table and plots from finished runs")
     ap.add_argument("--docs", action="store_true", help="update docs/results.md and docs/img/")

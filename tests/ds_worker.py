@@ -108,7 +108,8 @@ def main(spec_path: str) -> None:
         records.append(non_finite_record(engine))
     if spec.get("sketch_growth"):
         records.append(sketch_growth_record(engine, cfg, spec["steps"]))
-    records.append({"event": "spectra", "spectra": {n: s.tolist() for n, s in engine.spectra().items()}})
+    records.append({"event": "spectra", "spectra": {n: s.tolist() for n, s in engine.spectra().items()},
+                    "grad_sq": {n: v.tolist() for n, v in engine.core_grad_sq().items()}})
     everyone = [None] * engine.world_size
     dist.all_gather_object(everyone, records)
     if engine.rank == 0:

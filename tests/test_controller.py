@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tsvd.config import RankConfig
-from tsvd.controller import RankChange, RankController, RankPlan, allocate_budget, energy_target, kept_columns, ramp
+from tsvd.controller import (RankChange, RankController, RankPlan, allocate_budget, energy_target, fisher_scores,
+                             kept_columns, ramp)
 from tsvd.errors import UserError
 from tsvd.spectrum import energy_shares, kept_tail_shares, tail_count, tail_share
 
@@ -223,6 +224,54 @@ def test_budget_respects_bounds_and_total():
     for n, s in spectra.items():
         r = s.numel()
         assert max(3, r - math.floor(0.5 * r)) <= new[n] <= min(40, min(layers[n]), math.ceil(1.5 * r))
+
+
+def test_fisher_scores_are_s_squared_times_the_mean_squared_gradient():
+    s, g = torch.tensor([2.0, -1.0, 0.0, 0.5]), torch.tensor([0.25, 4.0, 9.0, -1e-9])
+    assert fisher_scores(s, g).tolist() == [1.0, 4.0, 0.0, 0.0]  # a new direction (s = 0) is worth nothing yet
+    assert fisher_scores(s, g).dtype == torch.float64
+
+
+def test_fisher_budget_follows_the_loss_where_energy_follows_the_spectrum():
+    """Two layers of equal cost: "flat" has a flat spectrum the loss barely depends on (tiny mean squared
+    gradient), "decay" a decaying one the loss depends on strongly. The energy score moves rank to the
+    flat layer (test above); the Fisher score moves it to the layer the loss needs, in loss units —
+    scaling a layer's s by 1000 now matters, as it changes what removing a direction costs."""
+    layers = {"flat": (64, 64), "decay": (64, 64)}
+    spectra = {"flat": torch.ones(8), "decay": GEOM[:8]}
+    grad_sq = {"flat": torch.full((8,), 1e-6), "decay": torch.ones(8)}
+    cfg = budget_cfg(score="fisher")
+    plan = RankController(cfg, layers).plan(10, spectra, grad_sq)
+    # floors 4 + 4; 8 directions left. Worth per direction: "flat" 1e-6, "decay" 0.5ⁱ (≥ 0.0078 for
+    # i < 8, and its virtual directions beyond 8 are valued like its weakest, 0.5⁷): "decay" takes
+    # them up to its cap 1.5·8 = 12, "flat" keeps its floor
+    assert plan.ranks == {"flat": 4, "decay": 12}
+    with pytest.raises(ValueError, match="needs grad_sq"):
+        RankController(cfg, layers).plan(10, spectra)
+
+
+def test_fisher_shrink_keeps_the_directions_the_loss_needs():
+    """A shrink under the Fisher score keeps the largest ``s²·g``, not the largest ``|s|``."""
+    layers = {"a": (64, 64), "b": (64, 64)}
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    g = torch.tensor([1e-8, 1e-8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # the two largest |s| barely matter
+    c = RankController(budget_cfg(score="fisher", budget_params=12 * 129), layers)
+    plan = c.plan(10, {"a": s, "b": torch.ones(8)}, {"a": g, "b": torch.full((8,), 0.5)})
+    # budget 12 directions, floors 4 + 4; the 4 left: "a"'s saliencies 4, 1, 1, 1 | 1, 1 | 1.6e-7, 9e-8
+    # against "b"'s 0.5 each — "a" takes two (rank 6), "b" two; "a" drops its two largest |s|
+    assert plan.ranks == {"a": 6, "b": 6} and plan.keep["a"] == [2, 3, 4, 5, 6, 7]
+
+
+def test_fisher_score_only_with_the_budget_policy():
+    from tsvd.config import Config, validate
+
+    cfg = Config()
+    cfg.model.spectral.targets = ["q"]
+    cfg.rank.policy, cfg.rank.score = "energy", "fisher"
+    with pytest.raises(UserError, match="rank.score: 'fisher' ranks directions for the budget policy"):
+        validate(cfg)
+    cfg.rank.policy = "budget"
+    validate(cfg)
 
 
 def test_allocate_budget_prefers_cheap_parameters():

@@ -153,6 +153,12 @@ def stage_runs(request, tmp_path_factory) -> tuple[int, dict, dict]:
 def reference() -> list[dict]:
     """``TorchEngine`` (one process) on the same global batches, with the same poisoned steps and the same
     sloppy retraction."""
+    return reference_run()[0]
+
+
+@functools.cache
+def reference_run() -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """``reference()``'s steps and, after the last, ``TorchEngine.core_grad_sq()``."""
     from tsvd.engine.torch_engine import TorchEngine
 
     cfg = ds_common.make_config()
@@ -166,9 +172,10 @@ def reference() -> list[dict]:
             res = ds_common.spec_step(engine, cfg, step, spec)
             out.append({"loss": res.loss, "grad_norm": res.grad_norm, "skipped": res.skipped, "reason": res.reason,
                         "repaired": res.retraction.repaired})
+        grad_sq = engine.core_grad_sq()
     finally:
         torch.set_num_threads(threads)
-    return out
+    return out, grad_sq
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +207,19 @@ def test_ranks_bitwise_identical(stage_runs):
         assert [r["moments_hash"] for r in first] == [r["moments_hash"] for r in second]
         assert [r["loss"] for r in first] == [r["loss"] for r in second]
         assert event(run, "spectra", 0) == event(run, "spectra", 1)
+
+
+def test_core_grad_sq_is_adams_second_moment_of_s_on_every_rank(stage_runs):
+    """``DeepSpeedEngine.core_grad_sq`` (the Fisher score's input) after the resumed run's last step: the
+    same on both ranks, and ``TorchEngine``'s after the same steps (tolerance as the gradient norm's: the
+    squared gradients of two runs that agree to ~1e-6 in the loss)."""
+    _, _, resumed = stage_runs
+    assert event(resumed, "spectra", 0)["grad_sq"] == event(resumed, "spectra", 1)["grad_sq"]
+    got, want = event(resumed, "spectra", 0)["grad_sq"], reference_run()[1]
+    assert got.keys() == want.keys()
+    for name, v in want.items():
+        assert float(v.sum()) > 0, name
+        assert torch.allclose(torch.tensor(got[name]), v, rtol=1e-3, atol=1e-3 * float(v.max())), name
 
 
 def test_two_processes_match_one_process_reference(stage_runs):

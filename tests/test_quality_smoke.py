@@ -65,7 +65,7 @@ def test_quality_long_smoke_and_resume(tmp_path, capsys):
     (nothing is retrained) and --report-only rebuilds the same table."""
     long = _load_long()
     out = tmp_path / "long"
-    arms = ["dense", "uniform", "adaptive", "budget-ramp"]
+    arms = ["dense", "uniform", "adaptive"]
     assert long.main(["--smoke", "--out", str(out), "--jobs", "2", "--arms", *arms]) == 0
     result = json.loads((out / "results.json").read_text())
     for arm in arms:
@@ -80,7 +80,6 @@ def test_quality_long_smoke_and_resume(tmp_path, capsys):
     assert result["arms"]["uniform"]["flops"] < result["arms"]["dense"]["flops"]
     assert result["arms"]["uniform"]["params"] < result["arms"]["dense"]["params"]
     assert runs["adaptive-s0"]["decision"] > 0 and runs["uniform-s0"]["decision"] == 0
-    assert runs["budget-ramp-s0"]["linear_params_final"] > runs["budget-ramp-s0"]["linear_params_avg"] * 0.99
     md = (out / "results.md").read_text()
     assert all(f"| {arm} |" in md for arm in arms) and "Partial" not in md
     assert (out / "loss_vs_flops.png").stat().st_size > 1000 and (out / "ranks-adaptive-s0.png").is_file()

@@ -78,3 +78,34 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_config):
     resumed = Trainer(tiny_config("train.steps=20"), progress=False)
     assert resumed.step == 10 and all(math.isfinite(float(p.sum())) for p in resumed.model.parameters())
     resumed.close()
+
+
+def test_fisher_budget_run_reads_adams_second_moment_and_resumes_exactly(tiny_config, tmp_path):
+    """``rank.score: fisher``: the controller gets ``TorchEngine.core_grad_sq`` — AdamW's ``exp_avg_sq``
+    of every ``s``, zeros before the first step — changes ranks within the budget, and a resumed run
+    decides exactly as the uninterrupted one."""
+    fisher = ("rank.policy=budget", "rank.score=fisher", "rank.warmup_steps=4", "rank.interval=4", "rank.protect=1",
+              "train.steps=16", "train.checkpoint_interval=6")
+    trainer = Trainer(tiny_config(*fisher, f"out_dir={tmp_path}/probe"), progress=False)
+    assert all(torch.equal(v, torch.zeros_like(m.s)) for (n, v), m in
+               zip(trainer.engine.core_grad_sq().items(), trainer.engine.spectral.values()))
+    trainer.fit(stop_at=1)
+    got = trainer.engine.core_grad_sq()
+    for name, module in trainer.engine.spectral.items():
+        want = trainer.engine.optimizer.state[module.s]["exp_avg_sq"]
+        assert torch.equal(got[name], want) and float(got[name].sum()) > 0, name
+    trainer.close()
+
+    full = Trainer(tiny_config(*fisher, f"out_dir={tmp_path}/full"), progress=False)
+    full_summary = full.fit()
+    ranks = {n: m.rank for n, m in full.engine.spectral.items()}
+    full.close()
+    assert len(set(ranks.values())) > 1  # the budget moved rank between layers
+    cut = Trainer(tiny_config(*fisher, f"out_dir={tmp_path}/cut"), progress=False)
+    head = cut.fit(stop_at=9)  # the last checkpoint is step 6, before the decisions at 8, 12 and 16
+    cut.close()
+    again = Trainer(tiny_config(*fisher, f"out_dir={tmp_path}/cut"), progress=False)
+    tail = again.fit()
+    assert head.train_losses[:6] + tail.train_losses == full_summary.train_losses
+    assert {n: m.rank for n, m in again.engine.spectral.items()} == ranks
+    again.close()

@@ -82,6 +82,7 @@ class RankConfig:
     max_shrink: float = 0.5  # at most this fraction of the rank dropped per decision
     hysteresis: float = 0.05  # ignore changes smaller than this fraction of the rank
     budget_params: int = 0  # budget policy: total spectral parameters (0 = the initial count)
+    score: Literal["energy", "fisher"] = "energy"  # budget policy: what a direction is worth (tsvd.controller)
     grow_directions: Literal["gradient", "random"] = "gradient"
     protect: int = 0  # a new direction cannot be dropped for this many decisions (0: no shrink right after growth)
     grow_init: float = 0.0  # |s| of the strongest new direction, × the layer's weakest |s|, against the gradient
@@ -302,6 +303,8 @@ def validate(cfg: Config) -> Config:
     if r.budget_growth != 1.0 and r.stop_step <= r.warmup_steps:
         raise UserError(f"rank.stop_step: a budget ramp (budget_growth {r.budget_growth}) needs stop_step > "
                         f"rank.warmup_steps={r.warmup_steps}, got {r.stop_step}")
+    if r.score == "fisher" and r.policy != "budget":
+        raise UserError(f"rank.score: 'fisher' ranks directions for the budget policy; rank.policy is {r.policy!r}")
     if r.policy != "static" and not sp.targets:
         raise UserError(f"rank.policy: {r.policy!r} needs spectral layers, but model.spectral.targets is empty")
     if cfg.engine.kind == "deepspeed" and not cfg.engine.deepspeed_config:

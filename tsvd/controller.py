@@ -5,6 +5,12 @@ The math lives in pure functions (``energy_target``, ``allocate_budget``, ``guar
 a one-decision memory of which layers just grew. It returns a ``RankPlan`` (what to change); applying
 it is ``tsvd.surgery``'s job (or an engine's ``apply_rank_plan``). See docs/adaptive-rank.md.
 
+What a direction is worth (``rank.score``, budget policy): its energy share ``sᵢ²/Σs²`` (``energy``,
+normalised per layer), or its *Fisher saliency* ``sᵢ² · E[(∂L/∂sᵢ)²]`` (``fisher_scores``: the loss a
+direction's removal costs, in loss units, comparable across layers without normalisation). The
+expectation is Adam's running mean of the squared gradient of ``s``, which the trainer reads from the
+engine (``Engine.core_grad_sq``) and passes to ``plan`` as ``grad_sq``.
+
 New directions can be *protected* (``rank.protect``): the controller remembers the step each column of
 every layer was added (``born``, mirrored through every plan it returns: kept columns in order, new
 ones appended), excludes protected columns from the policy's judgement, keeps them through shrinks
@@ -128,9 +134,10 @@ def energy_target(s: Tensor, cfg: RankConfig, rows: tuple[int, int]) -> int:
 
 def allocate_budget(shares: Mapping[str, Tensor], cost: Mapping[str, int], low: Mapping[str, int],
                     high: Mapping[str, int], budget: int) -> dict[str, int]:
-    """Split ``budget`` parameters across layers by pooled, normalized singular values (greedy top-K).
+    """Split ``budget`` parameters across layers by pooled per-direction worth (greedy top-K).
 
-    ``shares[l]``: layer ``l``'s energy shares ``sᵢ²/Σs²`` sorted descending (``energy_shares``);
+    ``shares[l]``: layer ``l``'s directions' worth sorted descending — energy shares ``sᵢ²/Σs²``
+    (``energy_shares``) or Fisher saliencies (``fisher_scores``);
     ``cost[l]``: parameters per direction; ``low[l] ≤ rank ≤ high[l]``. Every layer first gets ``low``;
     the remaining budget goes to candidate directions in decreasing order of ``share / cost``
     (the energy fraction a parameter buys). Directions beyond the current rank ``len(shares[l])`` are
@@ -155,9 +162,19 @@ def allocate_budget(shares: Mapping[str, Tensor], cost: Mapping[str, int], low: 
     return ranks
 
 
+def fisher_scores(s: Tensor, grad_sq: Tensor) -> Tensor:
+    """``sᵢ² · gᵢ`` (float64): the Fisher saliency of each direction of one layer, ``grad_sq = g`` being a
+    running mean of ``(∂L/∂sᵢ)²``. Setting ``sᵢ`` to 0 changes the loss by ``−gᵢsᵢ + ½hᵢᵢsᵢ² + …``; near a
+    minimum of ``s`` the first term averages out, and with the empirical Fisher for the curvature ``hᵢᵢ``
+    the cost is ``½ sᵢ² gᵢ`` — Optimal Brain Damage's saliency (LeCun et al., 1990), the Fisher weighting of
+    FWSVD. The common ½ is left out. Non-negative; 0 for a new direction (``s = 0``)."""
+    return s.detach().double().square() * grad_sq.detach().double().clamp_min(0.0)
+
+
 def kept_columns(s: Tensor, protected: Tensor, k: int) -> list[int]:
     """The ``k`` columns a shrink keeps: every protected one, then the largest-``|s|`` others (stable
-    order on ties, as ``SpectralModule.truncate_``), ascending."""
+    order on ties, as ``SpectralModule.truncate_``), ascending. ``s`` may be any per-direction worth
+    (a Fisher saliency keeps the directions the loss needs most)."""
     free = (~protected).nonzero().flatten()
     order = free[torch.argsort(s[free].abs(), descending=True, stable=True)]
     chosen = torch.cat([protected.nonzero().flatten(), order[: k - int(protected.sum())]])
@@ -217,30 +234,42 @@ class RankController:
         m, n = self.layers[layer]
         return m + n + 1
 
-    def sketch_width(self, step: int, spectra: Mapping[str, Tensor]) -> dict[str, int]:
+    def sketch_width(self, step: int, spectra: Mapping[str, Tensor],
+                     grad_sq: Mapping[str, Tensor] | None = None) -> dict[str, int]:
         """``{layer: k}``: the layers a decision at ``step`` on these spectra would grow, and by how much —
         a dry run of ``plan`` (no state changes) for sizing the ``GradientSketch`` of the step before the
         decision. Spectra move little in one step; a layer that grows without having been predicted
         simply gets random directions."""
-        targets = self._targets(step, spectra)
+        targets = self._targets(step, spectra, grad_sq)
         return {n: new - spectra[n].numel() for n, new in targets.items() if new > spectra[n].numel()}
 
-    def plan(self, step: int, spectra: Mapping[str, Tensor]) -> RankPlan:
-        """``spectra``: ``{layer: s}`` for (a subset of) the controller's layers, current after the step."""
+    def plan(self, step: int, spectra: Mapping[str, Tensor], grad_sq: Mapping[str, Tensor] | None = None) -> RankPlan:
+        """``spectra``: ``{layer: s}`` for (a subset of) the controller's layers, current after the step;
+        ``grad_sq``: ``{layer: running mean of (∂L/∂s)²}``, needed by ``rank.score: fisher``."""
         ranks = {name: s.numel() for name, s in spectra.items()}
-        planned = {n: new for n, new in self._targets(step, spectra).items() if new != ranks[n]}
+        worth = self._worth(spectra, grad_sq)
+        planned = {n: new for n, new in self._targets(step, spectra, grad_sq).items() if new != ranks[n]}
         self.last_growth.update({n: step for n, new in planned.items() if new > ranks[n]})
         keep = {}
         for n, r in ranks.items():
             born = self.born.get(n) if len(self.born.get(n, [])) == r else [0] * r
             new = planned.get(n, r)
             if new < r:
-                keep[n] = kept_columns(spectra[n].detach().float().cpu(), self.protected(n, step, r), new)
+                keep[n] = kept_columns(worth[n], self.protected(n, step, r), new)
                 born = [born[i] for i in keep[n]]
             self.born[n] = born + [step] * max(0, new - r)
         return RankPlan(step, planned, {n: ranks[n] for n in planned}, keep, self.cfg.grow_init)
 
-    def _targets(self, step: int, spectra: Mapping[str, Tensor]) -> dict[str, int]:
+    def _worth(self, spectra: Mapping[str, Tensor], grad_sq: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """Each layer's per-direction worth under ``rank.score``: ``|s|`` (energy) or ``fisher_scores``."""
+        if self.cfg.score != "fisher":
+            return {n: s.detach().float().cpu().abs() for n, s in spectra.items()}
+        if grad_sq is None or any(n not in grad_sq or grad_sq[n].shape != s.shape for n, s in spectra.items()):
+            raise ValueError("rank.score 'fisher' needs grad_sq shaped like every layer's s")
+        return {n: fisher_scores(s.cpu(), grad_sq[n].cpu()) for n, s in spectra.items()}
+
+    def _targets(self, step: int, spectra: Mapping[str, Tensor],
+                 grad_sq: Mapping[str, Tensor] | None = None) -> dict[str, int]:
         """Every layer's next rank under the policy and the guardrails (reads state, changes none but
         the budget resolved at the first decision)."""
         unknown = [name for name in spectra if name not in self.layers]
@@ -261,15 +290,18 @@ class RankController:
                 t = energy_target(s, self.cfg, self.layers[name])
                 targets[name] = min(t, s.numel()) + held[name] if held[name] else t
         elif self.cfg.policy == "budget":
-            targets = self._budget_targets(step, free, held, just_grew)
+            worth = self._worth(spectra, grad_sq)
+            values = ({n: worth[n][~mask[n]].sort(descending=True).values for n in free}
+                      if self.cfg.score == "fisher" else {n: energy_shares(s) for n, s in free.items()})
+            targets = self._budget_targets(step, free, held, just_grew, values)
         else:
             targets = dict(ranks)
         return {name: guard(r, targets[name], self.cfg, just_grew[name]) for name, r in ranks.items()}
 
     def _budget_targets(self, step: int, free: Mapping[str, Tensor], held: Mapping[str, int],
-                        just_grew: Mapping[str, bool]) -> dict[str, int]:
-        """Allocation under the guardrails over the unprotected columns ``free``; the ``held`` protected
-        columns are paid first. A layer that may not shrink now has its current rank as floor; one with
+                        just_grew: Mapping[str, bool], values: Mapping[str, Tensor]) -> dict[str, int]:
+        """Allocation under the guardrails over the unprotected columns ``free``, worth ``values`` (sorted
+        descending: energy shares or Fisher saliencies); the ``held`` protected columns are paid first. A layer that may not shrink now has its current rank as floor; one with
         protected columns may not grow."""
         names = list(free)
         if self.budget is None:
@@ -280,9 +312,8 @@ class RankController:
             lowest, highest = rank_bounds(self.cfg, self.layers[n])
             low[n] = r - h if just_grew[n] else max(0, shrink_floor(r, self.cfg, lowest) - h)
             high[n] = r - h if h else max(low[n], min(highest, growth_ceiling(r, self.cfg, highest)))
-        shares = {n: energy_shares(free[n]) for n in names}
         budget = int(self.budget * ramp(step, self.cfg)) - sum(held[n] * self.cost(n) for n in names)
-        ranks = allocate_budget(shares, {n: self.cost(n) for n in names}, low, high, budget)
+        ranks = allocate_budget(values, {n: self.cost(n) for n in names}, low, high, budget)
         return {n: ranks[n] + held[n] for n in names}
 
     def state_dict(self) -> dict:

@@ -63,6 +63,12 @@ class Engine(ABC):
         """``{module name: s}`` for every spectral module (full, on CPU, identical on every rank)."""
 
     @abstractmethod
+    def core_grad_sq(self) -> dict[str, Tensor]:
+        """``{module name: AdamW's running mean of (∂L/∂s)²}`` (its ``exp_avg_sq``, not bias-corrected),
+        shaped like ``s``, fp32 on CPU, identical on every rank; zeros before the first step. Read by the
+        controller's Fisher score (``rank.score: fisher``)."""
+
+    @abstractmethod
     def retract_all(self, measure: bool = False) -> RetractionReport:
         """Make every spectral factor exactly orthonormal again (with ``train.retract_every > 1`` some
         moved since their last retraction; a no-op otherwise). Every rank calls it, before anything reads

@@ -59,7 +59,7 @@ from tsvd.engine.mixed_precision import MasterWeights
 from tsvd.engine.rebuild import (COUNTERS, MOMENTS, NamedState, TrainingState, ZeroAdamState, broadcast_surgery,
                                  run_on_main)
 from tsvd.engine.retraction_owners import OwnedRetraction
-from tsvd.engine.zero_params import adopt_, make_contiguous_, materialize, meta_skeleton
+from tsvd.engine.zero_params import adopt_, full_shape, make_contiguous_, materialize, meta_skeleton
 from tsvd.errors import UserError
 from tsvd.optim import build_adamw, set_lr
 from tsvd.retraction import RetractionReport, Retractor, spectral_factors
@@ -72,9 +72,6 @@ Surgery = Callable[[nn.Module, dict[str, dict[str, Tensor]]], None]
 #: ``read_full_params`` and ``weights_only_loader`` live in ``tsvd.engine.ds_checkpoint``; re-exported for
 #: the importers of this module that predate it (``tsvd export``, tests/test_reliability.py).
 __all__ = ["DeepSpeedEngine", "Surgery", "read_full_params", "weights_only_loader"]
-
-# --------------------------------------------------------------------------------------------
-# The engine
 
 
 class DeepSpeedEngine(Engine):
@@ -279,6 +276,13 @@ class DeepSpeedEngine(Engine):
         """The fp32 masters of every ``s`` (collective where the masters are partitioned)."""
         values = self.masters.full(list(self.cores.values()))
         return {n: v.detach().float().cpu().clone() for n, v in zip(self.cores, values)}
+
+    @torch.no_grad()
+    def core_grad_sq(self) -> dict[str, Tensor]:  # through ZeroAdamState: collective at ZeRO 1–3
+        if self.adam.step_count() == 0:
+            return {n: torch.zeros(full_shape(p)) for n, p in self.cores.items()}
+        self.adam.relink()
+        return {n: self.adam.get(p, "exp_avg_sq").float() for n, p in self.cores.items()}
 
     @torch.no_grad()
     def sketch_factors(self, layers: list[str]) -> dict[str, tuple[Tensor, Tensor]]:

@@ -115,6 +115,11 @@ class TorchEngine(Engine):
     def spectra(self) -> dict[str, Tensor]:
         return {n: m.s.detach().float().cpu() for n, m in self.spectral.items()}
 
+    def core_grad_sq(self) -> dict[str, Tensor]:
+        state = self.optimizer.state
+        return {n: state[m.s]["exp_avg_sq"].detach().float().cpu().clone() if "exp_avg_sq" in state.get(m.s, {})
+                else torch.zeros(m.s.shape) for n, m in self.spectral.items()}
+
     def retract_all(self, measure: bool = False) -> RetractionReport:
         return self._retract(self.retractor.retract_all, measure)
 

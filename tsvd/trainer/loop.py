@@ -241,7 +241,7 @@ class Trainer:
         from tsvd.sketch import GradientSketch
 
         # Sketch only the layers the coming decision is about to grow (a dry run of the plan).
-        width = self.controller.sketch_width(self.step + 1, self.engine.spectra())
+        width = self.controller.sketch_width(self.step + 1, self.engine.spectra(), self._grad_sq())
         if not width:
             return contextlib.nullcontext()
         return GradientSketch(self.model, width=width, factors=self.engine.sketch_factors(list(width)),
@@ -249,7 +249,7 @@ class Trainer:
 
     def _change_ranks(self, sketch) -> None:
         spectra = self.engine.spectra()
-        plan = self.controller.plan(self.step, spectra)
+        plan = self.controller.plan(self.step, spectra, self._grad_sq())
         events = self.engine.apply_rank_plan(plan, sketch) if plan.ranks else []
         self.metrics.rank_events(self.step, events)
         if self.engine.is_main and events:
@@ -260,6 +260,10 @@ class Trainer:
             signals = spectral_signals(self._layer_stats(spectra), r.policy, r.energy, r.grow_tail)
             signals |= getattr(plan, "reasons", None) or {}  # the controller's own words, when it gives them
         self._overview(events, signals)
+
+    def _grad_sq(self) -> dict | None:
+        """What the Fisher score needs (every rank calls it: a collective under ZeRO), else ``None``."""
+        return self.engine.core_grad_sq() if self.cfg.rank.score == "fisher" else None
 
     def _overview(self, changes: list = (), signals: dict[str, str] | None = None) -> None:
         """The rank overview in TensorBoard (``Metrics.rank_overview``); every rank calls it (spectra are

@@ -240,7 +240,7 @@ class RankController:
         a dry run of ``plan`` (no state changes) for sizing the ``GradientSketch`` of the step before the
         decision. Spectra move little in one step; a layer that grows without having been predicted
         simply gets random directions."""
-        targets = self._targets(step, spectra, grad_sq)
+        targets = self._targets(step, spectra, self._worth(spectra, grad_sq))
         return {n: new - spectra[n].numel() for n, new in targets.items() if new > spectra[n].numel()}
 
     def plan(self, step: int, spectra: Mapping[str, Tensor], grad_sq: Mapping[str, Tensor] | None = None) -> RankPlan:
@@ -248,7 +248,7 @@ class RankController:
         ``grad_sq``: ``{layer: running mean of (∂L/∂s)²}``, needed by ``rank.score: fisher``."""
         ranks = {name: s.numel() for name, s in spectra.items()}
         worth = self._worth(spectra, grad_sq)
-        planned = {n: new for n, new in self._targets(step, spectra, grad_sq).items() if new != ranks[n]}
+        planned = {n: new for n, new in self._targets(step, spectra, worth).items() if new != ranks[n]}
         self.last_growth.update({n: step for n, new in planned.items() if new > ranks[n]})
         keep = {}
         for n, r in ranks.items():
@@ -268,8 +268,7 @@ class RankController:
             raise ValueError("rank.score 'fisher' needs grad_sq shaped like every layer's s")
         return {n: fisher_scores(s.cpu(), grad_sq[n].cpu()) for n, s in spectra.items()}
 
-    def _targets(self, step: int, spectra: Mapping[str, Tensor],
-                 grad_sq: Mapping[str, Tensor] | None = None) -> dict[str, int]:
+    def _targets(self, step: int, spectra: Mapping[str, Tensor], worth: Mapping[str, Tensor]) -> dict[str, int]:
         """Every layer's next rank under the policy and the guardrails (reads state, changes none but
         the budget resolved at the first decision)."""
         unknown = [name for name in spectra if name not in self.layers]
@@ -290,7 +289,6 @@ class RankController:
                 t = energy_target(s, self.cfg, self.layers[name])
                 targets[name] = min(t, s.numel()) + held[name] if held[name] else t
         elif self.cfg.policy == "budget":
-            worth = self._worth(spectra, grad_sq)
             values = ({n: worth[n][~mask[n]].sort(descending=True).values for n in free}
                       if self.cfg.score == "fisher" else {n: energy_shares(s) for n, s in free.items()})
             targets = self._budget_targets(step, free, held, just_grew, values)

@@ -50,18 +50,21 @@ def words(n: int, seed: int = 0) -> str:
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())
 
 
-def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsys, sequential):
     text = tmp_path / "calib.txt"
     text.write_text(words(3000))
     out = tmp_path / "out"
     rc = main(["convert", str(llama_with_tokenizer), str(out), "--targets", "*.mlp.*", "--params-ratio", "0.5",
-               "--calibration", str(text), "--calibration-tokens", "1024"])
+               "--calibration", str(text), "--calibration-tokens", "1024"] + ["--sequential"] * sequential)
     assert rc == 0
     printed = capsys.readouterr().out
     assert "calibration: 1,024 tokens" in printed and "loss-aware ranks" in printed
     assert sum("model.layers.1.mlp.down_proj" in line for line in printed.splitlines()) >= 2  # progress lines
+    assert ("sequential stage 4/4" in printed) == sequential
     report = json.loads((out / "report.json").read_text())
     assert report["conversion"]["params_ratio"] == 0.5 and report["conversion"]["calibration"] == str(text)
+    assert report["conversion"]["sequential"] is sequential
     total = report["total"]
     assert total["layers"] == 6 and total["spectral_params"] <= total["dense_params"] // 2
     assert total["dense_params"] // 2 - total["spectral_params"] < 64 + 96 + 1  # within one rank
@@ -109,6 +112,7 @@ def test_calibrated_factors_beat_plain_svd_on_the_calibration_text(llama_with_to
         ("energy", ["--energy", "0.9", "--calibration", "{good}"], "not --energy"),
         ("tokens", ["--params-ratio", "0.5", "--calibration", "{good}", "--calibration-tokens", "0"],
          "calibration tokens must be a positive integer"),
+        ("sequential", ["--params-ratio", "0.5", "--sequential"], "--sequential needs --calibration"),
     ],
 )
 def test_bad_calibrated_convert_is_one_line_exit_2_nothing_written(llama_with_tokenizer, tmp_path, capsys, case,
@@ -204,3 +208,31 @@ def test_sequential_needs_calibration():
     from tsvd import UserError, spectralize
     with pytest.raises(UserError, match="sequential=True needs calibration="):
         spectralize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ["*"], rank=2, sequential=True)
+
+
+def test_sequential_calibration_of_a_hf_llama_replays_blocks_with_the_same_result(hf_dir, monkeypatch):
+    """On a Llama (decoder layers in a ModuleList, rotary tables and a cache passed as keywords) replaying
+    the cached block inputs gives the factors of the full, stopped passes, with fewer model passes."""
+    import tsvd.convert
+    from tsvd import spectralize
+    from tsvd.calibration import token_windows
+
+    windows = token_windows(torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(2)), 24, 96, 2)
+    passes = []
+
+    def convert(replay: bool):
+        model = load_dense(hf_dir)
+        model.register_forward_pre_hook(lambda *a: passes.append(replay))
+        if not replay:
+            monkeypatch.setattr(tsvd.convert, "find_blocks", lambda *a: None)
+        spectralize(model, ["*.mlp.*", "*.self_attn.*"], rank=5, calibration=windows, sequential=True)
+        monkeypatch.undo()
+        return model
+
+    replayed, full = convert(True), convert(False)
+    assert passes.count(True) == 1 + len(windows) < passes.count(False)
+    names = [n for n, m in full.named_modules() if isinstance(m, SpectralLinear)]
+    assert len(names) == 14
+    for n in names:
+        torch.testing.assert_close(replayed.get_submodule(n).to_linear().weight, full.get_submodule(n).to_linear().weight,
+                                   rtol=1e-4, atol=1e-5)

@@ -12,7 +12,8 @@ the number of batches.
 Sequential calibration (``forward_stages``, ``stage_moments``) measures one stage of layers at a time,
 on the inputs the model produces *now*: after the earlier stages have been replaced, a later layer is
 calibrated on the outputs of the truncated layers before it. Each stage costs one pass over the
-calibration batches, cut short once the stage's layers have seen their inputs.
+calibration batches, cut short once the stage's layers have seen their inputs (``tsvd.block_replay``
+avoids most of that cost for models built of a list of blocks).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from tsvd.block_replay import StopForward, stop_forward
 from tsvd.errors import UserError
 
 
@@ -230,26 +232,19 @@ def forward_stages(model: nn.Module, layers: dict[str, nn.Linear], batch: Tensor
     return stages
 
 
-class _StageDone(Exception):
-    """Raised by the last layer of a stage to end a calibration pass early."""
-
-
 @torch.no_grad()
 def stage_moments(model: nn.Module, stage: dict[str, nn.Linear], batches: Iterable[Tensor],
                   loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> InputMoments:
     """Input moments of one stage's layers (``forward_stages``; the dict in forward order) over the
     batches. Each pass stops when the stage's last layer receives its input: the rest of the model is
     not run (so a layer fed more than once per pass is measured on its first input only)."""
-    def stop(module: nn.Module, args: tuple) -> None:
-        raise _StageDone
-
     with InputMoments(stage) as moments:
-        handle = list(stage.values())[-1].register_forward_pre_hook(stop)  # runs after the moment hook
+        handle = list(stage.values())[-1].register_forward_pre_hook(stop_forward)  # runs after the moment hook
         try:
             for batch in batches:
                 try:
                     loss_fn(model, batch)
-                except _StageDone:
+                except StopForward:
                     pass
                 moments.end_batch()
         finally:

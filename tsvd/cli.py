@@ -74,7 +74,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     energy = None if sized else (0.95 if args.energy is None else args.energy)
     convert_hf(args.src, args.out_dir, energy=energy, rank=args.rank, params_ratio=args.params_ratio,
                budget=args.budget, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
-               targets=args.targets, exclude=args.exclude, overwrite=args.overwrite)
+               sequential=args.sequential, targets=args.targets, exclude=args.exclude, overwrite=args.overwrite)
     return 0
 
 
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "factors, optimal on these inputs, and loss-aware ranks (see docs/hf.md)")
     p.add_argument("--calibration-tokens", type=int, default=32768, metavar="N",
                    help="calibration tokens to use (default 32768)")
+    p.add_argument("--sequential", action="store_true", help="with --calibration: fit each layer's factors to the "
+                   "inputs of the model whose earlier layers are already converted (a few more calibration passes; "
+                   "holds the calibration tokens' hidden states)")
     p.add_argument("--targets", nargs="+", metavar="GLOB", help="module-name globs to convert (default: every "
                    "nn.Linear except the output head)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="module-name globs to keep dense")

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, ratio_budget, uniform_ranks
-from tsvd.calibration import (collect_moments, collect_output_gradients, forward_stages, next_token_loss,
-                              stage_moments)
+from tsvd.block_replay import block_index, block_inputs, find_blocks, run_block
+from tsvd.calibration import (InputMoments, collect_moments, collect_output_gradients, forward_stages,
+                              next_token_loss, stage_moments)
 from tsvd.errors import UserError
 from tsvd.sizes import check_size
 from tsvd.spectral import INITS, SpectralLinear, check_rank
@@ -210,7 +211,10 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
     """Replace the layers by whitened rank-``ranks[name]`` factors one stage at a time, in forward order
     (``tsvd.calibration.forward_stages``): each stage's input moments are measured on the model with
     every earlier stage already replaced, so a layer's factors are optimal for the inputs the truncated
-    model gives it. Memory: one stage's statistics; time: one (shortened) calibration pass per stage.
+    model gives it. When every layer lies in a block of one ``nn.ModuleList`` (a decoder's layers) the
+    blocks' inputs are cached for the calibration batches and each stage replays only its own block
+    (``tsvd.block_replay``; memory: the batches' hidden states, time: a few full passes); otherwise each
+    stage costs one calibration pass, cut short at the stage (memory: one stage's statistics).
     The report is in forward order; layers the forward pass never feeds are refused."""
     if len(calibration) == 0:
         raise UserError("spectralize: calibration has no batches")
@@ -218,16 +222,42 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
     missing = set(layers) - {n for stage in stages for n in stage}
     if missing:
         raise UserError(f"calibration: layer {sorted(missing)[0]} saw no input (is it used in the model's forward?)")
+    blocks = find_blocks(model, layers)
+    if blocks is not None and any(len({block_index(blocks[0], n) for n in stage}) > 1 for stage in stages):
+        blocks = None  # a stage spans two blocks: no replay
     report: list[LayerReport] = []
     t0 = time.perf_counter()
-    for k, stage in enumerate(stages):
+
+    def fit(k: int, stage: list[str], measure: Callable[[dict[str, nn.Linear]], InputMoments]) -> None:
         part = {n: layers[n] for n in stage}
-        moments = stage_moments(model, part, calibration, loss_fn)
+        moments = measure(part)
         whitened = {n: whitened_svd(lin.weight, moments.moment(n), damping) for n, lin in part.items()}
-        report += replace_with_factors(model, part, whitened, {n: ranks[n] for n in stage}, log)
+        report.extend(replace_with_factors(model, part, whitened, {n: ranks[n] for n in stage}, log))
         if log is not None:
             log(f"sequential stage {k + 1}/{len(stages)} ({', '.join(stage)}): {time.perf_counter() - t0:.1f} s")
+
+    if blocks is None:
+        for k, stage in enumerate(stages):
+            fit(k, stage, lambda part: stage_moments(model, part, calibration, loss_fn))
+        return report
+    list_name, block_list = blocks
+    inputs = block_inputs(model, block_list[0], calibration, loss_fn)
+    last = max(block_index(list_name, stage[0]) for stage in stages)
+    for b in range(last + 1):
+        for k, stage in enumerate(stages):
+            if block_index(list_name, stage[0]) == b:
+                fit(k, stage, lambda part: block_moments(block_list[b], inputs, part))
+        if b < last:
+            inputs = run_block(block_list[b], inputs)
     return report
+
+
+def block_moments(block: nn.Module, inputs: list, part: dict[str, nn.Linear]) -> InputMoments:
+    """Input moments of ``part``'s layers (in forward order, all inside ``block``) from replays of the
+    block on its cached inputs, each stopped at the last layer."""
+    with InputMoments(part) as moments:
+        run_block(block, inputs, stop_at=list(part.values())[-1], after_batch=moments.end_batch)
+    return moments
 
 
 def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD], budget: int,

@@ -156,7 +156,8 @@ def choose_targets(model: nn.Module, targets: Sequence[str] | None,
 
 def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = None, rank: int | None = None,
                params_ratio: float | None = None, budget: int | None = None, calibration: str | Path | None = None,
-               calibration_tokens: int = CALIBRATION_TOKENS, targets: Sequence[str] | None = None,
+               calibration_tokens: int = CALIBRATION_TOKENS, sequential: bool = False,
+               targets: Sequence[str] | None = None,
                exclude: Sequence[str] = (), overwrite: bool = False,
                log: Callable[[str], None] | None = print) -> list[LayerReport]:
     """Convert a HF causal LM (directory or ``.gguf``) to a factor checkpoint in ``out_dir``; returns
@@ -167,7 +168,8 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     ``params_ratio`` (the targeted layers' factors hold this fraction of their dense parameters) or
     ``budget`` (that many parameters). ``calibration`` (a text file or a prepared tsvd dataset
     directory; its first ``calibration_tokens`` tokens): activation-aware factors, and with
-    ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``).
+    ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``);
+    ``sequential`` fits each layer to the inputs of the partly converted model.
     Steps: check the arguments, load, choose the layers, factorize (``spectralize``), save.
     """
     check_size(rank=rank, energy=energy, params_ratio=params_ratio, budget=budget)  # before the slow load
@@ -175,6 +177,8 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
         if energy is not None:
             raise UserError("convert: --calibration works with --rank, --params-ratio or --budget, not --energy")
         _check_calibration_source(Path(calibration))
+    elif sequential:
+        raise UserError("convert: --sequential needs --calibration")
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     locate(Path(src))  # fail fast, before the (slow) load
@@ -187,11 +191,12 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     if windows is not None and log is not None:
         log(f"calibration: {sum(w.shape[0] for w in windows) * CALIBRATION_SEQ_LEN:,} tokens of {calibration}")
     report = spectralize(model, targets, rank=rank, energy=energy, exclude=exclude, params_ratio=params_ratio,
-                         budget=budget, calibration=windows, log=log)
+                         budget=budget, calibration=windows, sequential=sequential, log=log)
     conversion = {"targets": targets, "exclude": exclude, "energy": energy, "rank": rank,
                   "params_ratio": params_ratio, "budget": budget,
                   "calibration": None if calibration is None else str(calibration),
-                  "calibration_tokens": None if calibration is None else calibration_tokens}
+                  "calibration_tokens": None if calibration is None else calibration_tokens,
+                  "sequential": sequential}
     save_converted(model, out, tokenizer=tokenizer, conversion=conversion, report=report, source=str(src))
     if log is not None:
         log(format_report(report))

@@ -22,7 +22,8 @@ input second moments of every block projection over the first ``--calibration-to
 (cached), then at each ``--ratios`` and for MLP-only and all projections four arms at equal
 parameters — plain SVD, whitened SVD at uniform ranks, whitened with loss-aware ranks (per layer and
 per direction; with ``--sequential`` also the loss-aware ranks with sequentially calibrated factors,
-``tsvd.convert.sequential_factors``) — with test loss on ``tutorial/`` and validation loss on the
+``tsvd.convert.sequential_factors``, fitted to each layer's own weight or to the dense outputs) — with
+test loss on ``tutorial/`` and validation loss on the
 ``howto/`` text after the calibration tokens. The MLP arm with the best validation loss at
 ``--headline-ratio`` is fine-tuned on ``--finetune-text``, saved, exported dense and reloaded in
 transformers. ``--resume`` keeps the arms already in ``--out``. Timings: forward passes and hooks
@@ -284,7 +285,7 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
             f"test loss {row['test']['loss']}, val loss {row['val']['loss']}")
 
     main_arms, h = ("plain", "whitened-uniform", "loss-layer"), args.headline_ratio
-    later_arms = ("loss-direction",) + (("loss-layer-seq",) if args.sequential else ())
+    later_arms = ("loss-direction",) + (("loss-layer-seq", "loss-layer-seqd") if args.sequential else ())
     # order: the headline's arms, its fine-tune, the other targets, the per-direction variant, other ratios
     for arm in main_arms:
         run_arm("mlp", h, arm)
@@ -306,12 +307,15 @@ def build_arm(dense, whitened: dict, grad_moments: dict, targets: str, ratio: fl
     """``(model, report)``: a copy of ``dense`` with the ``targets`` projections at ``ratio`` of their
     parameters by ``arm``: plain SVD, whitened at uniform ranks, or whitened with loss-aware ranks;
     ``<arm>-seq``: the ranks of ``<arm>``, factors calibrated sequentially on ``windows``
-    (``tsvd.convert.sequential_factors``)."""
-    if arm.endswith("-seq"):
-        model, report = build_arm(dense, whitened, grad_moments, targets, ratio, arm.removesuffix("-seq"))
+    (``tsvd.convert.sequential_factors``); ``<arm>-seqd``: the same, each layer fitted to the dense
+    model's outputs (``dense_targets``)."""
+    if arm.endswith(("-seq", "-seqd")):
+        base, _, kind = arm.rpartition("-")
+        model, report = build_arm(dense, whitened, grad_moments, targets, ratio, base)
         model = copy.deepcopy(dense)
         ranks = {r.name: r.rank for r in report}
-        return model, sequential_factors(model, {n: model.get_submodule(n) for n in ranks}, windows, ranks, log=log)
+        return model, sequential_factors(model, {n: model.get_submodule(n) for n in ranks}, windows, ranks, log=log,
+                                         dense_targets=kind == "seqd")
     model = copy.deepcopy(dense)
     chosen = [n for n in projections(dense) if matches_glob(n, TARGETS[targets])]
     if arm == "plain":
@@ -378,7 +382,8 @@ def main() -> None:
     p.add_argument("--sensitivity-batches", type=int, default=2, help="calibration batches for the gradient moments")
     p.add_argument("--val-windows", type=int, default=4, help="validation windows (howto after the calibration text)")
     p.add_argument("--sequential", action="store_true",
-                   help="also the loss-layer ranks with factors calibrated sequentially (one shortened pass per stage)")
+                   help="also the loss-layer ranks with factors calibrated sequentially (block replay), fitted to "
+                   "each layer's own weight (loss-layer-seq) and to the dense outputs (loss-layer-seqd)")
     p.add_argument("--sequential-batches", type=int, default=0,
                    help="calibration batches for the sequential passes (0: all)")
     p.add_argument("--headline-ratio", type=float, default=0.8)

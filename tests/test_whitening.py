@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsvd.whitening import damped_cholesky, whitened_svd
+from tsvd.whitening import damped_cholesky, output_matching_weight, whitened_svd
 
 
 def problem(out_f: int = 10, in_f: int = 14, n: int = 200, seed: int = 0):
@@ -97,3 +97,28 @@ def test_shape_mismatch_is_refused():
     W, X = problem()
     with pytest.raises(ValueError, match="does not fit"):
         whitened_svd(W.T, X @ X.T)
+
+
+def test_output_matching_weight_fits_the_dense_outputs_on_new_inputs():
+    """``W*`` is the least-squares fit of the dense outputs ``W X`` from the new inputs ``X̃`` (float64:
+    exact to ~1e-10), the error splits into the fit's residual plus a whitened term (so the whitened
+    truncation of ``W*`` is the best rank-r weight for the dense outputs), and ``X̃ = X`` returns ``W``."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    X = torch.randn(7, 200, dtype=torch.float64, generator=g)
+    Xt = X + 0.3 * torch.randn(7, 200, dtype=torch.float64, generator=g)  # the inputs after truncated layers
+    M, K = Xt @ Xt.T, Xt @ X.T
+    best = output_matching_weight(W, M, K, damping=0.0)
+    torch.testing.assert_close(best, torch.linalg.lstsq(Xt.T, (W @ X).T).solution.T, rtol=0, atol=1e-9)
+    other = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    split = (W @ X - best @ Xt).square().sum() + ((best - other) @ Xt).square().sum()
+    torch.testing.assert_close((W @ X - other @ Xt).square().sum(), split, rtol=1e-10, atol=0)
+    torch.testing.assert_close(output_matching_weight(W, X @ X.T, X @ X.T, damping=0.0), W, rtol=0, atol=1e-9)
+    r3 = whitened_svd(best, M, damping=0.0).weight(3)
+    err = lambda V: float((W @ X - V @ Xt).square().sum())  # noqa: E731  (error on the dense outputs)
+    assert err(r3) < err(whitened_svd(W, M, damping=0.0).weight(3))  # the own-weight truncation on X̃
+    P, S, Qh = torch.linalg.svd(r3)
+    for _ in range(5):  # nearby rank-3 weights do worse
+        a = P[:, :3] * S[:3] + 0.01 * torch.randn(5, 3, dtype=torch.float64, generator=g)
+        b = Qh[:3] + 0.01 * torch.randn(3, 7, dtype=torch.float64, generator=g)
+        assert err(r3) < err(a @ b)

@@ -8,6 +8,7 @@ by the model's loss (``tsvd.allocation``).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from tsvd.calibration import (InputMoments, collect_moments, collect_output_grad
 from tsvd.errors import UserError
 from tsvd.sizes import check_size
 from tsvd.spectral import INITS, SpectralLinear, check_rank
-from tsvd.whitening import DAMPING, WhitenedSVD, whitened_svd
+from tsvd.whitening import DAMPING, WhitenedSVD, output_matching_weight, whitened_svd
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
 
 def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
                        ranks: dict[str, int], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
-                       damping: float = DAMPING, log: Callable[[str], None] | None = None) -> list[LayerReport]:
+                       damping: float = DAMPING, log: Callable[[str], None] | None = None,
+                       dense_targets: bool = False) -> list[LayerReport]:
     """Replace the layers by whitened rank-``ranks[name]`` factors one stage at a time, in forward order
     (``tsvd.calibration.forward_stages``): each stage's input moments are measured on the model with
     every earlier stage already replaced, so a layer's factors are optimal for the inputs the truncated
@@ -215,6 +217,9 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
     blocks' inputs are cached for the calibration batches and each stage replays only its own block
     (``tsvd.block_replay``; memory: the batches' hidden states, time: a few full passes); otherwise each
     stage costs one calibration pass, cut short at the stage (memory: one stage's statistics).
+    ``dense_targets`` (block lists only) fits each layer to the *dense* model's outputs instead of its own
+    weight's on the new inputs (``tsvd.whitening.output_matching_weight``): an unconverted copy of the
+    current block is replayed on the dense stream beside it (twice the replays and hidden states).
     The report is in forward order; layers the forward pass never feeds are refused."""
     if len(calibration) == 0:
         raise UserError("spectralize: calibration has no batches")
@@ -228,28 +233,68 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
     report: list[LayerReport] = []
     t0 = time.perf_counter()
 
-    def fit(k: int, stage: list[str], measure: Callable[[dict[str, nn.Linear]], InputMoments]) -> None:
+    def fit(k: int, stage: list[str], whiten: Callable[[dict[str, nn.Linear]], dict[str, WhitenedSVD]]) -> None:
         part = {n: layers[n] for n in stage}
-        moments = measure(part)
-        whitened = {n: whitened_svd(lin.weight, moments.moment(n), damping) for n, lin in part.items()}
-        report.extend(replace_with_factors(model, part, whitened, {n: ranks[n] for n in stage}, log))
+        report.extend(replace_with_factors(model, part, whiten(part), {n: ranks[n] for n in stage}, log))
         if log is not None:
             log(f"sequential stage {k + 1}/{len(stages)} ({', '.join(stage)}): {time.perf_counter() - t0:.1f} s")
 
+    def own_targets(moments: InputMoments, part: dict[str, nn.Linear]) -> dict[str, WhitenedSVD]:
+        return {n: whitened_svd(lin.weight, moments.moment(n), damping) for n, lin in part.items()}
+
     if blocks is None:
+        if dense_targets:
+            raise UserError("calibration: dense targets need the layers inside one block list (nn.ModuleList)")
         for k, stage in enumerate(stages):
-            fit(k, stage, lambda part: stage_moments(model, part, calibration, loss_fn))
+            fit(k, stage, lambda part: own_targets(stage_moments(model, part, calibration, loss_fn), part))
         return report
     list_name, block_list = blocks
     inputs = block_inputs(model, block_list[0], calibration, loss_fn)
+    dense_inputs = inputs
     last = max(block_index(list_name, stage[0]) for stage in stages)
     for b in range(last + 1):
+        block, head = block_list[b], f"{list_name}.{b}." if list_name else f"{b}."
+        dense_block = copy.deepcopy(block) if dense_targets else None
+
+        def matched(part: dict[str, nn.Linear]) -> dict[str, WhitenedSVD]:
+            first = next(iter(part))  # a stage's layers share one input
+            M, K = block_cross_moments(dense_block, block, dense_inputs, inputs,
+                                       dense_block.get_submodule(first.removeprefix(head)), part[first])
+            return {n: whitened_svd(output_matching_weight(lin.weight, M, K, damping), M, damping)
+                    for n, lin in part.items()}
+
         for k, stage in enumerate(stages):
             if block_index(list_name, stage[0]) == b:
-                fit(k, stage, lambda part: block_moments(block_list[b], inputs, part))
+                fit(k, stage, matched if dense_targets else
+                    lambda part: own_targets(block_moments(block, inputs, part), part))
         if b < last:
-            inputs = run_block(block_list[b], inputs)
+            inputs = run_block(block, inputs)
+            dense_inputs = run_block(dense_block, dense_inputs) if dense_targets else inputs
     return report
+
+
+@torch.no_grad()
+def block_cross_moments(dense_block: nn.Module, block: nn.Module, dense_inputs: list, inputs: list,
+                        dense_layer: nn.Module, layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(M, K)`` (float64, ``in×in``): ``M = Σ x̃ x̃ᵀ`` over the inputs ``x̃`` of ``layer`` (inside the
+    partly converted ``block``) and the cross moment ``K = Σ x̃ xᵀ`` with the inputs ``x`` of the same
+    tokens at ``dense_layer`` (inside ``dense_block``, an unconverted copy), from paired replays."""
+    seen: list[Tensor] = []
+    M = K = None
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+             for m in (dense_layer, layer)]
+    try:
+        for dense_in, conv_in in zip(dense_inputs, inputs):
+            run_block(dense_block, [dense_in], stop_at=dense_layer)
+            run_block(block, [conv_in], stop_at=layer)
+            x, xt = seen
+            seen.clear()
+            m, k = (xt.T @ xt).double(), (xt.T @ x).double()
+            M, K = (m, k) if M is None else (M + m, K + k)
+    finally:
+        for h in hooks:
+            h.remove()
+    return M, K
 
 
 def block_moments(block: nn.Module, inputs: list, part: dict[str, nn.Linear]) -> InputMoments:

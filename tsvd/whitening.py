@@ -10,6 +10,10 @@ discarded ``σᵢ²`` (SVD-LLM's result).
 ``whitened_svd`` computes that once per layer; ``WhitenedSVD.factors(r)`` returns the rank-``r`` weight in
 the engine's form ``W' = V diag(s) Uᵀ`` with orthonormal ``U (in×r)``, ``V (out×r)`` and ``s ≥ 0``
 descending (``tsvd.spectral.SpectralLinear``), through a QR of the un-whitened factor and an ``r×r`` SVD.
+
+When earlier layers are already truncated, a layer sees inputs ``X̃`` instead of the dense model's ``X``;
+``output_matching_weight`` gives the weight whose outputs on ``X̃`` best match the dense outputs ``W X``,
+and its whitened SVD (on ``X̃``'s moment) is then the best rank-``r`` replacement for that goal.
 """
 
 from __future__ import annotations
@@ -91,3 +95,16 @@ def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING) -> WhitenedSVD:
     P, sigma, Qh = torch.linalg.svd(W @ L, full_matrices=False)
     B = torch.linalg.solve_triangular(L.T, Qh.T, upper=True)  # L⁻ᵀ Q
     return WhitenedSVD(P, sigma, B)
+
+
+def output_matching_weight(W: Tensor, M: Tensor, K: Tensor, damping: float = DAMPING) -> Tensor:
+    """The weight ``W*`` (``out×in``, float64) whose outputs on the inputs ``X̃`` come closest to ``W``'s
+    outputs on the inputs ``X`` it had in the dense model (``X``, ``X̃``: ``in×N``, the same tokens):
+    ``argmin ‖W X − W* X̃‖_F = W Kᵀ M⁻¹`` with ``M = X̃ X̃ᵀ`` (damped as in ``damped_cholesky``) and the
+    cross moment ``K = X̃ Xᵀ``.
+
+    The least-squares residual is orthogonal to ``X̃``'s rows, so every ``W'`` has
+    ``‖W X − W' X̃‖² = ‖W X − W* X̃‖² + ‖(W* − W') X̃‖²``: the best rank-``r`` ``W'`` for the dense outputs
+    is ``whitened_svd(W*, M)``'s. With ``X̃ = X`` (no damping) ``W* = W``."""
+    L = damped_cholesky(M, damping)
+    return torch.cholesky_solve(K.double().to(L.device) @ W.detach().double().T, L).T

@@ -219,7 +219,8 @@ def step_timing(dense, tokens, args, targets: str, energy: float) -> dict:
 def cached_gradients(dense, windows, args) -> dict:
     """Output-gradient moments of every block projection over the first --sensitivity-batches windows
     (forward + backward), cached under --work."""
-    path = Path(args.work) / f"gradients-{args.calibration_seq_len}-{args.sensitivity_batches}.pt"
+    batch = "" if args.calibration_batch == 4 else f"x{args.calibration_batch}"  # 4: the caches' original name
+    path = Path(args.work) / f"gradients-{args.calibration_seq_len}-{args.sensitivity_batches}{batch}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     layers = projections(dense)
@@ -239,6 +240,40 @@ def arm_row(model, report, eval_tokens, val_tokens, args, **extra) -> dict:
             "ranks": rank_ranges(report), "spectral_params": spent, "dense_params": dense_p,
             "params_ratio": round(spent / dense_p, 4), "test": evaluate(model, eval_tokens, args),
             "val": evaluate(model, val_tokens, args, windows=args.val_windows)}
+
+
+def convert_timing(dense, tok, args) -> dict:
+    """The conversion's own cost against its calibration forward passes (issue 15's timing target): the
+    calibration windows through the dense model without hooks (the forward passes), then the whole
+    ``spectralize`` of the MLP projections at ``--headline-ratio`` on the same windows (statistics,
+    whitened SVDs, the gradient pass, allocation, replacement), timed by phase from its log lines.
+    Own work = conversion − forward passes."""
+    windows, _ = calibration_windows(tok, args)
+    stamps: list[tuple[float, str]] = []
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for w in windows:
+            next_token_loss(dense, w)
+    forward_s = time.perf_counter() - t0
+    model = copy.deepcopy(dense)
+    n = -(-args.sensitivity_tokens // args.calibration_seq_len)  # whole windows, as tsvd convert takes them
+    sensitivity = [torch.cat(windows[:n])[:n]]
+    t1 = time.perf_counter()
+    spectralize(model, TARGETS["mlp"], params_ratio=args.headline_ratio, calibration=windows,
+                sensitivity=sensitivity, log=lambda m: stamps.append((time.perf_counter(), m)))
+    convert_s = time.perf_counter() - t1
+    phase = lambda prefix: next(t for t, m in stamps if m.startswith(prefix)) - t1  # noqa: E731
+    pass_end, svd_end = phase("calibration:"), phase("loss-aware ranks")
+    out = {"tokens": sum(w.numel() - w.shape[0] for w in windows), "targets": "mlp", "ratio": args.headline_ratio,
+           "sensitivity_tokens": sum(w.numel() - w.shape[0] for w in sensitivity),
+           "forward_s": round(forward_s, 1), "convert_s": round(convert_s, 1),
+           "calibration_pass_s": round(pass_end, 1), "whitened_svds_and_gradient_pass_s": round(svd_end - pass_end, 1),
+           "after_allocation_s": round(convert_s - svd_end, 1), "own_s": round(convert_s - forward_s, 1),
+           "own_over_forward": round((convert_s - forward_s) / forward_s, 3),
+           "load_avg": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}
+    log(f"conversion timing: {out}")
+    return out
 
 
 def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict, save) -> None:
@@ -286,14 +321,15 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
 
     main_arms, h = ("plain", "whitened-uniform", "loss-layer"), args.headline_ratio
     later_arms = ("loss-direction",) + (("loss-layer-seq", "loss-layer-seqd") if args.sequential else ())
-    # order: the headline's arms, its fine-tune, the other targets, the per-direction variant, other ratios
-    for arm in main_arms:
+    # order: the headline's arms, its fine-tune, the other targets, other ratios
+    for arm in main_arms + later_arms:
         run_arm("mlp", h, arm)
     if "headline" not in results and args.steps > 0:
         # the MLP arm with the lowest validation loss (howto, not the test text) is fine-tuned
         best = min((r for r in rows if r["targets"] == "mlp" and r["ratio"] == h), key=lambda r: r["val"]["loss"])
-        model, report = build_arm(dense, whitened, grads["moments"], "mlp", h, best["arm"])
-        results["headline"] = headline(model, report, tok, eval_tokens, args, best)
+        model, report = build_arm(dense, whitened, grads["moments"], "mlp", h, best["arm"],
+                                  windows[:args.sequential_batches or None])
+        results["headline"] = headline(model, report, tok, eval_tokens, val_tokens, args, best)
         save()
         del model
     for ratio in args.ratios:
@@ -330,15 +366,17 @@ def build_arm(dense, whitened: dict, grad_moments: dict, targets: str, ratio: fl
     return model, replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, uniform)
 
 
-def headline(model, report, tok, eval_tokens, args, row: dict) -> dict:
+def headline(model, report, tok, eval_tokens, val_tokens, args, row: dict) -> dict:
     """Fine-tune the converted model on other text, save its factors, export dense, reload in transformers."""
     ft_tokens, ft_info = docs_tokens(tok, args.finetune_text)
     out = {"arm": row["arm"], "ratio": row["ratio"], "finetune_text": ft_info, "after_conversion": row["test"]}
     out["finetune"] = run_finetune(model, ft_tokens, args, f"mlp@{row['ratio']} {row['arm']}")
     out["after_finetune"] = evaluate(model, eval_tokens, args)
-    log(f"headline: after fine-tune test loss {out['after_finetune']['loss']}")
-    work = Path(args.work)
-    fdir, hdir = work / "calibrated-mlp-ft", work / "calibrated-mlp-ft-hf"
+    out["val_after_finetune"] = evaluate(model, val_tokens, args, windows=args.val_windows)
+    log(f"headline: after fine-tune test loss {out['after_finetune']['loss']}, "
+        f"val loss {out['val_after_finetune']['loss']}")
+    work, stem = Path(args.work), Path(args.out).stem if args.out else "calibrated"
+    fdir, hdir = work / f"{stem}-mlp-ft", work / f"{stem}-mlp-ft-hf"
     save_converted(model, fdir, tokenizer=tok, report=report, source="bench/smollm2.py",
                    conversion={"targets": TARGETS["mlp"], "params_ratio": row["ratio"], "allocation": row["arm"]})
     export(fdir, hdir, overwrite=True)
@@ -372,6 +410,8 @@ def main() -> None:
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--convert-timing", action="store_true",
+                   help="only time an MLP conversion at --headline-ratio against its calibration forward passes")
     p.add_argument("--calibrated", action="store_true",
                    help="the activation-aware study instead: plain vs whitened SVD at --ratios, uniform vs loss-aware ranks")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.9, 0.6])
@@ -380,6 +420,8 @@ def main() -> None:
     p.add_argument("--calibration-batch", type=int, default=4)
     p.add_argument("--stop-after", choices=["moments"], help="stop after this cached phase")
     p.add_argument("--sensitivity-batches", type=int, default=2, help="calibration batches for the gradient moments")
+    p.add_argument("--sensitivity-tokens", type=int, default=512,
+                   help="--convert-timing: tokens of the gradient pass (whole windows; tsvd convert's default)")
     p.add_argument("--val-windows", type=int, default=4, help="validation windows (howto after the calibration text)")
     p.add_argument("--sequential", action="store_true",
                    help="also the loss-layer ranks with factors calibrated sequentially (block replay), fitted to "
@@ -419,6 +461,10 @@ def main() -> None:
     log(f"dense: eval loss {results['dense']['loss']} (ppl {results['dense']['ppl']})")
     save()
 
+    if args.convert_timing:
+        results["convert_timing"] = convert_timing(dense, tok, args)
+        save()
+        return
     if args.calibrated:
         calibrated_study(dense, tok, eval_tokens, train_tokens, args, results, save)
         return

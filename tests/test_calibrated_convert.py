@@ -51,10 +51,16 @@ def words(n: int, seed: int = 0) -> str:
 
 
 @pytest.mark.parametrize("sequential", [False, True])
-def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsys, sequential):
+def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsys, monkeypatch, sequential):
+    import tsvd.convert
+
     text = tmp_path / "calib.txt"
     text.write_text(words(3000))
     out = tmp_path / "out"
+    graded, collect = [], tsvd.convert.collect_output_gradients
+    monkeypatch.setattr(tsvd.convert, "collect_output_gradients",
+                        lambda model, layers, batches, *a: graded.extend(b.shape for b in batches) or
+                        collect(model, layers, batches, *a))
     rc = main(["convert", str(llama_with_tokenizer), str(out), "--targets", "*.mlp.*", "--params-ratio", "0.5",
                "--calibration", str(text), "--calibration-tokens", "1024"] + ["--sequential"] * sequential)
     assert rc == 0
@@ -64,7 +70,8 @@ def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsy
     assert ("sequential stage 4/4" in printed) == sequential
     report = json.loads((out / "report.json").read_text())
     assert report["conversion"]["params_ratio"] == 0.5 and report["conversion"]["calibration"] == str(text)
-    assert report["conversion"]["sequential"] is sequential
+    assert report["conversion"]["sequential"] is sequential and report["conversion"]["sensitivity_tokens"] == 512
+    assert graded == [(1, 513)]  # the gradient pass: the first 512 tokens (one window), not a whole batch
     total = report["total"]
     assert total["layers"] == 6 and total["spectral_params"] <= total["dense_params"] // 2
     assert total["dense_params"] // 2 - total["spectral_params"] < 64 + 96 + 1  # within one rank
@@ -113,6 +120,8 @@ def test_calibrated_factors_beat_plain_svd_on_the_calibration_text(llama_with_to
         ("tokens", ["--params-ratio", "0.5", "--calibration", "{good}", "--calibration-tokens", "0"],
          "calibration tokens must be a positive integer"),
         ("sequential", ["--params-ratio", "0.5", "--sequential"], "--sequential needs --calibration"),
+        ("sensitivity", ["--params-ratio", "0.5", "--calibration", "{good}", "--sensitivity-tokens", "-1"],
+         "sensitivity tokens must be a positive integer"),
     ],
 )
 def test_bad_calibrated_convert_is_one_line_exit_2_nothing_written(llama_with_tokenizer, tmp_path, capsys, case,

@@ -234,7 +234,7 @@ def test_calibrated_layers_are_ordinary_spectral_layers():
     model, windows = tiny_lm(), lm_windows()
     shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n}
     dense = sum(o * i for o, i in shapes.values())
-    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, sensitivity_batches=2)
+    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, sensitivity=windows[:2])
     spent = sum(r.spectral_params for r in report)
     assert spent <= dense // 2 and dense // 2 - spent < max(o + i + 1 for o, i in shapes.values())
     for r in report:

@@ -74,7 +74,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     energy = None if sized else (0.95 if args.energy is None else args.energy)
     convert_hf(args.src, args.out_dir, energy=energy, rank=args.rank, params_ratio=args.params_ratio,
                budget=args.budget, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
-               sequential=args.sequential, targets=args.targets, exclude=args.exclude, overwrite=args.overwrite)
+               sensitivity_tokens=args.sensitivity_tokens, sequential=args.sequential, targets=args.targets,
+               exclude=args.exclude, overwrite=args.overwrite)
     return 0
 
 
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "factors, optimal on these inputs, and loss-aware ranks (see docs/hf.md)")
     p.add_argument("--calibration-tokens", type=int, default=32768, metavar="N",
                    help="calibration tokens to use (default 32768)")
+    p.add_argument("--sensitivity-tokens", type=int, default=512, metavar="N",
+                   help="calibration tokens of the gradient pass that allocates ranks (default 512)")
     p.add_argument("--sequential", action="store_true", help="with --calibration: fit each layer's factors to the "
                    "inputs of the model whose earlier layers are already converted (a few more calibration passes; "
                    "holds the calibration tokens' hidden states)")

@@ -83,7 +83,7 @@ def spectralize(
     budget: int | None = None,
     calibration: Sequence[Tensor] | None = None,
     allocation: str | None = None,
-    sensitivity_batches: int = 4,
+    sensitivity: Sequence[Tensor] | None = None,
     sequential: bool = False,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
     damping: float = DAMPING,
@@ -102,7 +102,8 @@ def spectralize(
     of a causal LM, ``tsvd.calibration.next_token_loss``) — by the activation-aware SVD optimal on the
     calibration inputs, and ``allocation="loss"`` (the default there) spends the budget where the
     model's calibration loss rises most per parameter (``loss_aware_ranks``: a backward pass over the
-    first ``sensitivity_batches`` batches); ``allocation="uniform"`` keeps the same fraction per layer.
+    batches ``sensitivity``, default the first calibration batch); ``allocation="uniform"`` keeps the
+    same fraction per layer.
     ``sequential=True`` (with ``calibration``) then factors the layers stage by stage in forward order,
     each on the inputs produced by the already-converted layers before it (``sequential_factors``; the
     ranks stay those chosen above, from the unconverted model).
@@ -158,8 +159,8 @@ def spectralize(
             return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
         whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log)
         if allocation == "loss":
-            whitened, ranks = loss_aware_ranks(model, layers, whitened, budget, calibration[:sensitivity_batches],
-                                               loss_fn, log=log)
+            grad_batches = calibration[:1] if sensitivity is None else sensitivity
+            whitened, ranks = loss_aware_ranks(model, layers, whitened, budget, grad_batches, loss_fn, log=log)
         if sequential:
             return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
         return replace_with_factors(model, layers, whitened, ranks, log)

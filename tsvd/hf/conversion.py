@@ -28,6 +28,7 @@ from tsvd.sizes import check_positive_int, check_size
 
 REPORT_JSON, REPORT_TXT = "report.json", "report.txt"
 CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN, CALIBRATION_BATCH = 32768, 512, 4
+SENSITIVITY_TOKENS = 512  # the allocation's gradient pass: as good as 2,048 on SmolLM2 (docs/results.md)
 
 
 def report_dict(rows: Sequence[LayerReport], **extra: Any) -> dict:
@@ -156,7 +157,8 @@ def choose_targets(model: nn.Module, targets: Sequence[str] | None,
 
 def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = None, rank: int | None = None,
                params_ratio: float | None = None, budget: int | None = None, calibration: str | Path | None = None,
-               calibration_tokens: int = CALIBRATION_TOKENS, sequential: bool = False,
+               calibration_tokens: int = CALIBRATION_TOKENS, sensitivity_tokens: int = SENSITIVITY_TOKENS,
+               sequential: bool = False,
                targets: Sequence[str] | None = None,
                exclude: Sequence[str] = (), overwrite: bool = False,
                log: Callable[[str], None] | None = print) -> list[LayerReport]:
@@ -168,11 +170,13 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     ``params_ratio`` (the targeted layers' factors hold this fraction of their dense parameters) or
     ``budget`` (that many parameters). ``calibration`` (a text file or a prepared tsvd dataset
     directory; its first ``calibration_tokens`` tokens): activation-aware factors, and with
-    ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``);
+    ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``; its
+    gradient pass reads the first ``sensitivity_tokens`` calibration tokens, whole windows);
     ``sequential`` fits each layer to the inputs of the partly converted model.
     Steps: check the arguments, load, choose the layers, factorize (``spectralize``), save.
     """
     check_size(rank=rank, energy=energy, params_ratio=params_ratio, budget=budget)  # before the slow load
+    check_positive_int(sensitivity_tokens, "sensitivity tokens")
     if calibration is not None:
         if energy is not None:
             raise UserError("convert: --calibration works with --rank, --params-ratio or --budget, not --energy")
@@ -188,14 +192,19 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     t_load = time.perf_counter() - t0
     targets, exclude = choose_targets(model, targets, exclude)
     windows = None if calibration is None else calibration_windows(calibration, tokenizer, calibration_tokens)
-    if windows is not None and log is not None:
-        log(f"calibration: {sum(w.shape[0] for w in windows) * CALIBRATION_SEQ_LEN:,} tokens of {calibration}")
+    sensitivity = None
+    if windows is not None:
+        n = -(-sensitivity_tokens // CALIBRATION_SEQ_LEN)  # whole windows
+        sensitivity = [torch.cat(windows[:n])[:n]]
+        if log is not None:
+            log(f"calibration: {sum(w.shape[0] for w in windows) * CALIBRATION_SEQ_LEN:,} tokens of {calibration}")
     report = spectralize(model, targets, rank=rank, energy=energy, exclude=exclude, params_ratio=params_ratio,
-                         budget=budget, calibration=windows, sequential=sequential, log=log)
+                         budget=budget, calibration=windows, sensitivity=sensitivity, sequential=sequential, log=log)
     conversion = {"targets": targets, "exclude": exclude, "energy": energy, "rank": rank,
                   "params_ratio": params_ratio, "budget": budget,
                   "calibration": None if calibration is None else str(calibration),
                   "calibration_tokens": None if calibration is None else calibration_tokens,
+                  "sensitivity_tokens": None if calibration is None else sensitivity_tokens,
                   "sequential": sequential}
     save_converted(model, out, tokenizer=tokenizer, conversion=conversion, report=report, source=str(src))
     if log is not None:

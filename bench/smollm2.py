@@ -242,7 +242,7 @@ def arm_row(model, report, eval_tokens, val_tokens, args, **extra) -> dict:
             "val": evaluate(model, val_tokens, args, windows=args.val_windows)}
 
 
-def convert_timing(dense, tok, args) -> dict:
+def convert_timing(dense, tok, eval_tokens, args) -> dict:
     """The conversion's own cost against its calibration forward passes (issue 15's timing target): the
     calibration windows through the dense model without hooks (the forward passes), then the whole
     ``spectralize`` of the MLP projections at ``--headline-ratio`` on the same windows (statistics,
@@ -272,6 +272,7 @@ def convert_timing(dense, tok, args) -> dict:
            "after_allocation_s": round(convert_s - svd_end, 1), "own_s": round(convert_s - forward_s, 1),
            "own_over_forward": round((convert_s - forward_s) / forward_s, 3),
            "load_avg": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}
+    out["test"] = evaluate(model, eval_tokens, args)  # after the timing: the conversion is the study's loss-layer arm
     log(f"conversion timing: {out}")
     return out
 
@@ -462,7 +463,7 @@ def main() -> None:
     save()
 
     if args.convert_timing:
-        results["convert_timing"] = convert_timing(dense, tok, args)
+        results["convert_timing"] = convert_timing(dense, tok, eval_tokens, args)
         save()
         return
     if args.calibrated:

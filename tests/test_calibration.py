@@ -105,9 +105,10 @@ def test_output_gradient_moments_are_the_gradients_second_moments():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_upper_gram_is_the_upper_triangle_of_the_product(dtype):
+@pytest.mark.parametrize("d", [9, 700, 1100])  # one block; two; four, the last one shorter
+def test_upper_gram_is_the_upper_triangle_of_the_product(dtype, d):
     from tsvd.calibration import upper_gram
-    rows = torch.randn(37, 9, generator=torch.Generator().manual_seed(5)).to(dtype)
+    rows = torch.randn(37, d, generator=torch.Generator().manual_seed(5)).to(dtype)
     full = rows.double().T @ rows.double()
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-1}[dtype]
     torch.testing.assert_close(upper_gram(rows).double().triu(), full.triu(), rtol=tol, atol=tol)

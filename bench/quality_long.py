@@ -149,6 +149,19 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     out.append(Arm("budget-fisher", f"budget policy from rank {rank}, budget = uniform's parameters, Fisher "
                    "saliency score, protect 1, the adaptive arm's LRs (core_lr 10×lr)", fisher, [], core_ratio=10.0,
                    optional=True, lr_from=adaptive))
+    # the Fisher budget at uniform-core1's LRs (the best static arm: core_lr = lr)
+    out.append(Arm("budget-fisher-core1", "budget-fisher at the adaptive arm's lr with core_lr = lr", fisher, [],
+                   core_ratio=1.0, optional=True, lr_from=adaptive))
+    # InRank's order of growth with the Fisher budget: start at half the rank and let the budget ramp (×2.6 by
+    # step 1000, the ramp above) so that the average parameters match the uniform arm's, the final rank exceeds
+    # it, and the early, cheap phase trains fewer directions; the adaptive arm's LRs
+    ramp_fisher = [o for o in budget if not o.startswith("rank.grow_init")] + ["rank.score=fisher"]
+    out.append(Arm("ramp-fisher", f"budget ramp from rank {r0} (×2.6 by step {ramp_sched[2].split('=')[1]}; "
+                   f"average parameters ≈ uniform's), Fisher saliency, protect 1, the adaptive arm's LRs "
+                   "(core_lr 10×lr)", ramp_fisher, [], core_ratio=10.0, optional=True, lr_from=adaptive))
+    # separates the two halves of the adaptive arm's optimizer setting: its factor lr with core_lr = lr
+    out.append(Arm("uniform-core1", f"uniform static rank {rank} at the adaptive arm's lr, core_lr = lr",
+                   spec + static, [], core_ratio=1.0, optional=True, lr_from=adaptive))
     return out + amortized, common, sweep_steps
 
 

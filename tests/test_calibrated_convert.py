@@ -71,6 +71,7 @@ def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     assert report["conversion"]["params_ratio"] == 0.5 and report["conversion"]["calibration"] == str(text)
     assert report["conversion"]["sequential"] is sequential and report["conversion"]["sensitivity_tokens"] == 512
+    assert "calibration batch 1/1:" in printed  # a progress line per calibration batch
     assert graded == [(1, 513)]  # the gradient pass: the first 512 tokens (one window), not a whole batch
     total = report["total"]
     assert total["layers"] == 6 and total["spectral_params"] <= total["dense_params"] // 2

@@ -19,7 +19,7 @@ avoids most of that cost for models built of a list of blocks).
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -197,16 +197,22 @@ def collect_output_gradients(model: nn.Module, layers: dict[str, nn.Linear], bat
 
 
 @torch.no_grad()
-def collect_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Tensor],
-                    loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> tuple[InputMoments, float]:
+def collect_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Sequence[Tensor],
+                    loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                    log: Callable[[str], None] | None = None) -> tuple[InputMoments, float]:
     """Run ``loss_fn(model, batch)`` over the calibration batches with the moment hooks on; returns the
-    statistics and the mean calibration loss (of the unchanged model, weighted by batch size)."""
+    statistics and the mean calibration loss (of the unchanged model, weighted by batch size). ``log``
+    receives a progress line per batch."""
     total, count = 0.0, 0
+    t0 = time.perf_counter()
     with InputMoments(layers) as moments:
-        for batch in batches:
+        for k, batch in enumerate(batches):
             total += float(loss_fn(model, batch)) * batch.shape[0]
             count += batch.shape[0]
             moments.end_batch()
+            if log is not None:
+                log(f"  calibration batch {k + 1}/{len(batches)}: {time.perf_counter() - t0:.1f} s "
+                    f"({moments.seconds:.1f} s in the statistics)")
     return moments, total / max(count, 1)
 
 

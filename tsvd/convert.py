@@ -193,7 +193,7 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
     if len(calibration) == 0:
         raise UserError("spectralize: calibration has no batches")
     t0 = time.perf_counter()
-    moments, base = collect_moments(model, layers, calibration, loss_fn)
+    moments, base = collect_moments(model, layers, calibration, loss_fn, log)
     if log is not None:
         log(f"calibration: {len(calibration)} batches through the model in {time.perf_counter() - t0:.1f} s, "
             f"loss {base:.4f}")

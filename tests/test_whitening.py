@@ -122,3 +122,19 @@ def test_output_matching_weight_fits_the_dense_outputs_on_new_inputs():
         a = P[:, :3] * S[:3] + 0.01 * torch.randn(5, 3, dtype=torch.float64, generator=g)
         b = Qh[:3] + 0.01 * torch.randn(3, 7, dtype=torch.float64, generator=g)
         assert err(r3) < err(a @ b)
+
+
+@pytest.mark.parametrize("out_f, in_f", [(8, 5), (5, 8)])
+def test_factors_stay_orthonormal_past_the_weights_rank(out_f, in_f):
+    """A rank-2 weight kept at full rank: the directions past its rank have σ ≈ 0 and no meaningful
+    vectors, yet the factors are orthonormal and still reproduce the weight."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(out_f, 2, dtype=torch.float64, generator=g) @ torch.randn(2, in_f, dtype=torch.float64, generator=g)
+    X = torch.randn(in_f, 50, dtype=torch.float64, generator=g)
+    ws = whitened_svd(W, X @ X.T)
+    assert float(ws.sigma[2]) < 1e-6 * float(ws.sigma[0])
+    U, s, V = ws.factors(5)
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(U.T @ U, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.T @ V, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close((V * s) @ U.T, W, rtol=0, atol=1e-9)

@@ -26,22 +26,23 @@ from torch import Tensor
 DAMPING = 1e-6  # relative to mean(diag C): far below any direction the data uses, enough for Cholesky
 
 
-def damped_cholesky(C: Tensor, damping: float = DAMPING) -> Tensor:
-    """Lower-triangular ``L`` with ``L Lᵀ = C + λ I``, ``λ = damping · mean(diag C)`` (float64).
-
-    If ``C + λI`` is still not positive definite in floating point (rank-deficient ``C``, rounding),
-    ``λ`` grows tenfold until the factorization succeeds; an all-zero ``C`` (a layer that only saw
-    zeros) gets ``λ = damping``.
-    """
+def damped(C: Tensor, damping: float = DAMPING) -> Tensor:
+    """``C + λ I`` (float64) with ``λ = damping · mean(diag C)``; an all-zero ``C`` (a layer that only saw
+    zeros) gets ``λ = damping``."""
     C = C.double()
     scale = float(C.diagonal().mean()) if C.numel() else 0.0
-    lam = damping * (scale if scale > 0 else 1.0)
-    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    return C + damping * (scale if scale > 0 else 1.0) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
+def damped_cholesky(C: Tensor, damping: float = DAMPING) -> Tensor:
+    """Lower-triangular ``L`` with ``L Lᵀ = damped(C, damping)`` (float64). If that is still not positive
+    definite in floating point (rank-deficient ``C``, rounding), the damping grows tenfold until the
+    factorization succeeds."""
     while True:
-        L, info = torch.linalg.cholesky_ex(C + lam * eye)
+        L, info = torch.linalg.cholesky_ex(damped(C, damping))
         if int(info) == 0:
             return L
-        lam *= 10.0
+        damping *= 10.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class WhitenedSVD:
     P: Tensor
     sigma: Tensor
     B: Tensor
+    orthonormal_P: bool = False  # P's columns orthonormal to rounding (eigenvectors), whatever σ
 
     @property
     def max_rank(self) -> int:
@@ -68,7 +70,7 @@ class WhitenedSVD:
     def reordered(self, order: Tensor) -> "WhitenedSVD":
         """The same directions in another order (``order`` a permutation of ``range(max_rank)``): keeping a
         prefix then keeps any chosen subset; its truncation loss is still the sum of the dropped ``σᵢ²``."""
-        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order])
+        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order], self.orthonormal_P)
 
     def weight(self, rank: int) -> Tensor:
         """The dense rank-``rank`` optimum ``W'`` (``out×in``, float64)."""
@@ -78,36 +80,46 @@ class WhitenedSVD:
         """``(U (in×r), s (r), V (out×r))`` with ``W'_r = V diag(s) Uᵀ`` (the first ``r`` stored directions),
         ``UᵀU = VᵀV = I``, ``s`` descending.
 
-        ``P_r = Q_P R_P`` and ``B_r = Q_B R_B`` (QRs), ``R_P diag(σ_r) R_Bᵀ = Pm diag(s) Qmᵀ`` (``r×r``
-        SVD); then ``V = Q_P Pm``, ``U = Q_B Qm``: ``O((in + out)·r²)`` on top of the stored SVD, and
-        exactly orthonormal even where ``P``'s columns of negligible ``σ`` are not.
+        ``B_r = Q_B R_B`` (QR), ``diag(σ_r) R_Bᵀ = Pm diag(s) Qmᵀ`` (``r×r`` SVD); then ``V = P_r Pm``,
+        ``U = Q_B Qm``: ``O((in + out)·r²)`` on top of the stored SVD. ``P_r`` is used as it is when its
+        columns are orthonormal to rounding — eigenvectors, or ``A q / σ`` with every kept
+        ``σ ≥ 1e-6·σ₁`` (error ``~1e-16·σ₁/σ``) — and replaced by the ``Q`` of its QR otherwise.
         """
-        Qp, Rp = torch.linalg.qr(self.P[:, :rank])
+        P = self.P[:, :rank]
+        Rp = None
+        if not (self.orthonormal_P or rank == 0 or bool(self.sigma[rank - 1] >= 1e-6 * self.sigma[0])):
+            P, Rp = torch.linalg.qr(P)
         Qb, Rb = torch.linalg.qr(self.B[:, :rank])
-        Pm, s, Qmh = torch.linalg.svd((Rp * self.sigma[:rank]) @ Rb.T)
-        return Qb @ Qmh.T, s, Qp @ Pm
+        core = self.sigma[:rank, None] * Rb.T if Rp is None else (Rp * self.sigma[:rank]) @ Rb.T
+        Pm, s, Qmh = torch.linalg.svd(core)
+        return Qb @ Qmh.T, s, P @ Pm
 
 def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING) -> WhitenedSVD:
-    """The SVD of ``A = W L`` (``W`` ``out×in``, input second moment ``C = L Lᵀ`` ``in×in``), mapped back by
-    ``L⁻ᵀ``. Computed from the eigen-decomposition of the smaller Gram (``A Aᵀ`` or ``AᵀA``, float64):
-    half the time of a direct SVD at SmolLM2's shapes. ``σᵢ²`` are exact to ``~1e-16·σ₁²`` (``σᵢ`` to
+    """The SVD of ``A = W L`` (``W`` ``out×in``, input second moment ``C``, ``L Lᵀ = damped(C)``), mapped
+    back by ``L⁻ᵀ``. Computed from the eigen-decomposition of the smaller Gram in float64, about half the
+    time of a direct SVD at SmolLM2's shapes. ``σᵢ²`` are exact to ``~1e-16·σ₁²`` (``σᵢ`` to
     ``~1e-8·σ₁``): only directions far below anything a truncation keeps lose accuracy, and those of
-    ``σᵢ ≤ 1e-13·σ₁`` get zero vectors; ``factors`` re-orthonormalizes what it keeps.
+    ``σᵢ ≤ 1e-13·σ₁`` get zero vectors; ``factors`` re-orthonormalizes what it keeps where needed.
 
-    ``out < in``: ``A Aᵀ = P diag(σ²) Pᵀ`` and ``B = L⁻ᵀ Aᵀ P / σ = Wᵀ P / σ`` (no triangular solve);
-    ``out ≥ in``: ``AᵀA = Q diag(σ²) Qᵀ``, ``P = A Q / σ`` and ``B = L⁻ᵀ Q``."""
+    ``out < in``: ``A Aᵀ = W damped(C) Wᵀ = P diag(σ²) Pᵀ`` and ``B = L⁻ᵀ Aᵀ P / σ = Wᵀ P / σ`` (no
+    Cholesky, no triangular solve); ``out ≥ in``: ``AᵀA = Q diag(σ²) Qᵀ``, ``P = A Q / σ``, ``B = L⁻ᵀ Q``."""
     W = W.detach().double()
     if C.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"second moment {tuple(C.shape)} does not fit a weight {tuple(W.shape)} (needs in×in)")
-    L = damped_cholesky(C.to(W.device), damping)
-    A = W @ L
-    wide = A.shape[0] < A.shape[1]
-    lam, vecs = torch.linalg.eigh(A @ A.T if wide else A.T @ A)
+    C = C.to(W.device)
+    wide = W.shape[0] < W.shape[1]
+    if wide:
+        gram = W @ damped(C, damping) @ W.T
+    else:
+        L = damped_cholesky(C, damping)
+        A = W @ L
+        gram = A.T @ A
+    lam, vecs = torch.linalg.eigh(gram)
     lam, vecs = lam.flip(0).clamp_min(0), vecs.flip(1)
     sigma = lam.sqrt()
     inv = torch.where(sigma > sigma[:1] * 1e-13, 1.0 / sigma, torch.zeros_like(sigma))
     if wide:
-        return WhitenedSVD(vecs, sigma, (W.T @ vecs) * inv)
+        return WhitenedSVD(vecs, sigma, (W.T @ vecs) * inv, orthonormal_P=True)
     return WhitenedSVD((A @ vecs) * inv, sigma, torch.linalg.solve_triangular(L.T, vecs, upper=True))
 
 def output_matching_weight(W: Tensor, M: Tensor, K: Tensor, damping: float = DAMPING) -> Tensor:

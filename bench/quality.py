@@ -93,7 +93,7 @@ def plan(smoke: bool) -> tuple[list[Run], list[str]]:
         Run("static-scaled", "ablation", f"ablation: static r={rank}, scaled init, Cholesky (TSVD without rank control)",
             tsvd + ["rank.policy=static"]),
         # With core_lr 3e-3 the (flat) initial spectra barely move in 300 steps, which leaves the energy
-        # rule little to act on; configs/tsvd-adaptive.yaml uses core_lr 3e-2. Same pair at that core LR:
+        # rule little to act on; configs/tsvd-energy.yaml uses core_lr 3e-2. Same pair at that core LR:
         Run("tsvd-energy-core3e-2", "tsvd", "TSVD adaptive (as tsvd-energy) with core_lr 3e-2",
             energy + ["rank.grow_directions=gradient", "train.core_lr=0.03"]),
         Run("static-scaled-core3e-2", "ablation", "ablation: static-scaled with core_lr 3e-2",

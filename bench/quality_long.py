@@ -95,7 +95,7 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
         common, rank, sched, sweep_steps, lrs = [], 32, ["rank.warmup_steps=50", "rank.interval=50"], 160, LRS
     spec = [f"model.spectral.targets={SPECTRAL}", f"model.spectral.rank={rank}", "model.spectral.init=scaled",
             "train.retraction=cholesky"]
-    # configs/tsvd-adaptive.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank;
+    # configs/tsvd-energy.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank;
     # ``protected`` adds the protection and gradient-initialised growth of issue 14 (not the default: see docs)
     energy = sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05", "rank.tail_fraction=0.1",
                       "rank.growth_factor=1.5", "rank.min_rank=4", "rank.max_rank=128", "rank.max_shrink=0.5",
@@ -121,7 +121,7 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     out = [
         Arm("dense", "dense", [], lrs if smoke else [7.5e-4] + lrs, spectral=False),  # 1.5e-3 won: bracket below
         uniform,
-        Arm("adaptive", "adaptive: configs/tsvd-adaptive.yaml's policy (energy 0.95, grow_tail 0.05), core_lr 10×lr",
+        Arm("adaptive", "adaptive: configs/tsvd-energy.yaml's policy (energy 0.95, grow_tail 0.05), core_lr 10×lr",
             spec + energy, lrs if smoke else SPECTRAL_LRS, core_ratio=10.0),
         Arm("budget-ramp", f"budget: rank {r0} → budget ramp ×2.6 until step {ramp_sched[2].split('=')[1]}, "
             "protect 1, grow_init 0.25", budget, lrs, optional=True),

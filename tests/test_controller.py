@@ -226,6 +226,21 @@ def test_budget_respects_bounds_and_total():
         assert max(3, r - math.floor(0.5 * r)) <= new[n] <= min(40, min(layers[n]), math.ceil(1.5 * r))
 
 
+def test_budget_hysteresis_keeps_small_changes_and_the_budget():
+    """A layer whose allocated change is below ``hysteresis · r`` keeps its rank *inside* the allocation:
+    the others share what is left, so the budget is never overspent (applied after the allocation, a
+    kept small shrink would pay for another layer's growth twice)."""
+    layers = {"flat": (64, 64), "decay": (64, 64), "mid": (64, 64)}
+    spectra = {"flat": torch.ones(8), "decay": GEOM[:8], "mid": torch.cat([torch.ones(7), torch.full((1,), 1e-3)])}
+    free = RankController(budget_cfg(), layers).plan(10, spectra).ranks
+    assert free["mid"] == 7  # without hysteresis "mid" gives up one direction (1 < 0.25 · 8)
+    c = RankController(budget_cfg(hysteresis=0.25), layers)
+    new = {n: c.plan(10, spectra).ranks.get(n, s.numel()) for n, s in spectra.items()}
+    assert new["mid"] == 8 and new["flat"] > 8  # "mid" held; "flat" still grows
+    assert sum(new[n] * c.cost(n) for n in layers) <= c.budget == 24 * 129
+    assert all(new[n] == s.numel() or abs(new[n] - s.numel()) >= 0.25 * s.numel() for n, s in spectra.items())
+
+
 def test_fisher_scores_are_s_squared_times_the_mean_squared_gradient():
     s, g = torch.tensor([2.0, -1.0, 0.0, 0.5]), torch.tensor([0.25, 4.0, 9.0, -1e-9])
     assert fisher_scores(s, g).tolist() == [1.0, 4.0, 0.0, 0.0]  # a new direction (s = 0) is worth nothing yet

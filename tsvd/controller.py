@@ -311,8 +311,19 @@ class RankController:
             low[n] = r - h if just_grew[n] else max(0, shrink_floor(r, self.cfg, lowest) - h)
             high[n] = r - h if h else max(low[n], min(highest, growth_ceiling(r, self.cfg, highest)))
         budget = int(self.budget * ramp(step, self.cfg)) - sum(held[n] * self.cost(n) for n in names)
-        ranks = allocate_budget(values, {n: self.cost(n) for n in names}, low, high, budget)
-        return {n: ranks[n] + held[n] for n in names}
+        costs = {n: self.cost(n) for n in names}
+        # hysteresis inside the allocation: a layer whose change would be too small to make keeps its rank
+        # and the others share the rest of the budget (applied afterwards, it would overspend the budget)
+        pinned: set[str] = set()
+        while True:
+            lo = {n: free[n].numel() if n in pinned else low[n] for n in names}
+            hi = {n: free[n].numel() if n in pinned else high[n] for n in names}
+            ranks = allocate_budget(values, costs, lo, hi, budget)
+            small = {n for n in names if n not in pinned and ranks[n] != free[n].numel()
+                     and abs(ranks[n] - free[n].numel()) < self.cfg.hysteresis * (free[n].numel() + held[n])}
+            if not small:
+                return {n: ranks[n] + held[n] for n in names}
+            pinned |= small
 
     def state_dict(self) -> dict:
         return {"budget": self.budget, "last_growth": dict(self.last_growth),

@@ -81,14 +81,23 @@ def block_inputs(model: nn.Module, first: nn.Module, batches: Iterable[Tensor],
 
     handle = first.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        for batch in batches:
-            try:
-                loss_fn(model, batch)
-            except StopForward:
-                pass
+        stopped_passes(model, batches, loss_fn)
     finally:
         handle.remove()
     return seen
+
+
+def stopped_passes(model: nn.Module, batches: Iterable[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
+                   after_batch: Callable[[], None] | None = None) -> None:
+    """``loss_fn(model, batch)`` for every batch, each pass ended early where a hook raises ``StopForward``;
+    ``after_batch`` is called after each."""
+    for batch in batches:
+        try:
+            loss_fn(model, batch)
+        except StopForward:
+            pass
+        if after_batch is not None:
+            after_batch()
 
 
 @torch.no_grad()

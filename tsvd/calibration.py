@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tsvd.block_replay import StopForward, stop_forward
+from tsvd.block_replay import stop_forward, stopped_passes
 from tsvd.errors import UserError
 
 
@@ -254,12 +254,7 @@ def stage_moments(model: nn.Module, stage: dict[str, nn.Linear], batches: Iterab
     with InputMoments(stage) as moments:
         handle = list(stage.values())[-1].register_forward_pre_hook(stop_forward)  # runs after the moment hook
         try:
-            for batch in batches:
-                try:
-                    loss_fn(model, batch)
-                except StopForward:
-                    pass
-                moments.end_batch()
+            stopped_passes(model, batches, loss_fn, moments.end_batch)
         finally:
             handle.remove()
     return moments

@@ -55,7 +55,8 @@ import torch  # noqa: E402
 
 from tsvd.config import TrainConfig  # noqa: E402
 from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, uniform_ranks  # noqa: E402
-from tsvd.calibration import InputMoments, collect_output_gradients, next_token_loss, token_windows  # noqa: E402
+from tsvd.calibration import (InputMoments, collect_output_gradients, leading_windows, next_token_loss,  # noqa: E402
+                              token_windows)
 from tsvd.convert import LayerReport, matches_glob, replace_with_factors, sequential_factors, spectralize  # noqa: E402
 from tsvd.whitening import whitened_svd  # noqa: E402
 from tsvd.hf import (FineTuner, export, finetune, load_hf_model, perplexity, report_dict,  # noqa: E402
@@ -257,8 +258,7 @@ def convert_timing(dense, tok, eval_tokens, args) -> dict:
             next_token_loss(dense, w)
     forward_s = time.perf_counter() - t0
     model = copy.deepcopy(dense)
-    n = -(-args.sensitivity_tokens // args.calibration_seq_len)  # whole windows, as tsvd convert takes them
-    sensitivity = [torch.cat(windows[:n])[:n]]
+    sensitivity = leading_windows(windows, args.sensitivity_tokens)  # as tsvd convert takes them
     t1 = time.perf_counter()
     spectralize(model, TARGETS["mlp"], params_ratio=args.headline_ratio, calibration=windows,
                 sensitivity=sensitivity, log=lambda m: stamps.append((time.perf_counter(), m)))

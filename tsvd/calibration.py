@@ -57,6 +57,14 @@ def token_windows(tokens: Tensor, seq_len: int, n_tokens: int, batch_size: int) 
     return list(windows.split(batch_size))
 
 
+def leading_windows(batches: Sequence[Tensor], n_tokens: int) -> list[Tensor]:
+    """The first windows of ``batches`` (``token_windows``' output) predicting at least ``n_tokens`` tokens,
+    whole windows, as one batch."""
+    seq_len = batches[0].shape[1] - 1
+    n = -(-n_tokens // seq_len)
+    return [torch.cat(list(batches[:n]))[:n]]
+
+
 def upper_gram(rows: Tensor) -> Tensor:
     """The upper triangle of ``rowsᵀ rows`` (``rows`` is ``N×d``; the strict lower triangle is
     unspecified), in ``rows``' dtype. The columns are split into ``k`` blocks (``k`` = 1 for ``d`` < 512,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from tsvd.calibration import token_windows
+from tsvd.calibration import leading_windows, token_windows
 from tsvd.convert import LayerReport, format_report, matches_glob, spectralize
 from tsvd.data import load_data, read_meta
 from tsvd.errors import UserError
@@ -194,8 +194,7 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     windows = None if calibration is None else calibration_windows(calibration, tokenizer, calibration_tokens)
     sensitivity = None
     if windows is not None:
-        n = -(-sensitivity_tokens // CALIBRATION_SEQ_LEN)  # whole windows
-        sensitivity = [torch.cat(windows[:n])[:n]]
+        sensitivity = leading_windows(windows, sensitivity_tokens)
         if log is not None:
             log(f"calibration: {sum(w.shape[0] for w in windows) * CALIBRATION_SEQ_LEN:,} tokens of {calibration}")
     report = spectralize(model, targets, rank=rank, energy=energy, exclude=exclude, params_ratio=params_ratio,

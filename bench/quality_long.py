@@ -152,6 +152,17 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     # the Fisher budget at uniform-core1's LRs (the best static arm: core_lr = lr)
     out.append(Arm("budget-fisher-core1", "budget-fisher at the adaptive arm's lr with core_lr = lr", fisher, [],
                    core_ratio=1.0, optional=True, lr_from=adaptive))
+    # AdaLoRA's schedule on the Fisher budget: decisions only until step 500, then a long final phase at fixed
+    # ranks (fewer disruptions late in training, when a pruned direction's loss is hardest to win back)
+    out.append(Arm("budget-fisher-stop500", "budget-fisher-core1 with no decisions from step 500 on",
+                   fisher + ["rank.stop_step=500"], [], core_ratio=1.0, optional=True, lr_from=adaptive))
+    # diagnostic: the allocation budget-fisher-stop500 ended with (per projection type, averaged over the layers:
+    # about uniform's parameters), fixed from step 0 — is the allocation worth more than the moves that find it?
+    types = {"q": 14, "k": 11, "v": 39, "o": 34, "gate": 37, "up": 39, "down": 34}
+    out.append(Arm("static-types", "static ranks per projection type from budget-fisher-stop500's final allocation "
+                   f"({', '.join(f'{t} {r}' for t, r in types.items())}), core_lr = lr",
+                   spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in types.items()], [],
+                   core_ratio=1.0, optional=True, lr_from=adaptive))
     # InRank's order of growth with the Fisher budget: start at half the rank and let the budget ramp (×2.6 by
     # step 1000, the ramp above) so that the average parameters match the uniform arm's, the final rank exceeds
     # it, and the early, cheap phase trains fewer directions; the adaptive arm's LRs

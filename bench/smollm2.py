@@ -19,11 +19,13 @@ saves the dequantized model as safetensors under ``--work`` and reuses it afterw
 ``--calibrated`` runs the activation-aware study instead (``tsvd.whitening``, ``tsvd.allocation``): the
 input second moments of every block projection over the first ``--calibration-tokens`` of ``howto/``
 (one pass, cached under ``--work``), an output-gradient moment pass over ``--sensitivity-batches``
-(cached), then at each ``--ratios`` and for MLP-only and all projections four arms at equal
-parameters — plain SVD, whitened SVD at uniform ranks, whitened with loss-aware ranks (per layer and
-per direction; with ``--sequential`` also the loss-aware ranks with sequentially calibrated factors,
-``tsvd.convert.sequential_factors``, fitted to each layer's own weight or to the dense outputs) — with
-test loss on ``tutorial/`` and validation loss on the
+(cached), then at each ``--ratios`` and for MLP-only and all projections these arms at equal
+parameters: plain SVD, whitened SVD at uniform ranks, whitened with loss-aware ranks (per layer and
+per direction), and curvature-weighted SVDs (inputs and output curvature whitened) with ranks by
+their estimated loss, ``tsvd convert``'s default; with ``--sequential`` also sequentially calibrated
+factors (``tsvd.convert.sequential_factors``) at the loss-aware and curvature ranks. Test loss on
+``tutorial/`` and
+validation loss on the
 ``howto/`` text after the calibration tokens. The MLP arm with the best validation loss at
 ``--headline-ratio`` is fine-tuned on ``--finetune-text``, saved, exported dense and reloaded in
 transformers. ``--resume`` keeps the arms already in ``--out``. Timings: forward passes and hooks
@@ -57,7 +59,8 @@ from tsvd.config import TrainConfig  # noqa: E402
 from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, uniform_ranks  # noqa: E402
 from tsvd.calibration import (InputMoments, collect_output_gradients, leading_windows, next_token_loss,  # noqa: E402
                               token_windows)
-from tsvd.convert import LayerReport, matches_glob, replace_with_factors, sequential_factors, spectralize  # noqa: E402
+from tsvd.convert import (LayerReport, loss_ranks, matches_glob, replace_with_factors, sequential_factors,  # noqa: E402
+                          spectralize)
 from tsvd.whitening import whitened_svd  # noqa: E402
 from tsvd.hf import (FineTuner, export, finetune, load_hf_model, perplexity, report_dict,  # noqa: E402
                      require_transformers, sample_batch, save_converted)
@@ -246,8 +249,8 @@ def arm_row(model, report, eval_tokens, val_tokens, args, **extra) -> dict:
 def convert_timing(dense, tok, eval_tokens, args) -> dict:
     """The conversion's own cost against its calibration forward passes (issue 15's timing target): the
     calibration windows through the dense model without hooks (the forward passes), then the whole
-    ``spectralize`` of the MLP projections at ``--headline-ratio`` on the same windows (statistics,
-    whitened SVDs, the gradient pass, allocation, replacement), timed by phase from its log lines.
+    ``spectralize`` of the MLP projections at ``--headline-ratio`` on the same windows (the gradient
+    pass, statistics, curvature-weighted SVDs, allocation, replacement), timed by phase from its log lines.
     Own work = conversion − forward passes."""
     windows, _ = calibration_windows(tok, args)
     stamps: list[tuple[float, str]] = []
@@ -264,11 +267,11 @@ def convert_timing(dense, tok, eval_tokens, args) -> dict:
                 sensitivity=sensitivity, log=lambda m: stamps.append((time.perf_counter(), m)))
     convert_s = time.perf_counter() - t1
     phase = lambda prefix: next(t for t, m in stamps if m.startswith(prefix)) - t1  # noqa: E731
-    pass_end, svd_end = phase("calibration:"), phase("loss-aware ranks")
+    grad_end, pass_end, svd_end = phase("output curvature:"), phase("calibration:"), phase("loss-aware ranks")
     out = {"tokens": sum(w.numel() - w.shape[0] for w in windows), "targets": "mlp", "ratio": args.headline_ratio,
            "sensitivity_tokens": sum(w.numel() - w.shape[0] for w in sensitivity),
-           "forward_s": round(forward_s, 1), "convert_s": round(convert_s, 1),
-           "calibration_pass_s": round(pass_end, 1), "whitened_svds_and_gradient_pass_s": round(svd_end - pass_end, 1),
+           "forward_s": round(forward_s, 1), "convert_s": round(convert_s, 1), "gradient_pass_s": round(grad_end, 1),
+           "calibration_pass_s": round(pass_end - grad_end, 1), "whitened_svds_s": round(svd_end - pass_end, 1),
            "after_allocation_s": round(convert_s - svd_end, 1), "own_s": round(convert_s - forward_s, 1),
            "own_over_forward": round((convert_s - forward_s) / forward_s, 3),
            "load_avg": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}
@@ -298,20 +301,22 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
     save()
     rows = results.setdefault("arms", [])
     names = [n for n in projections(dense) if any(matches_glob(n, TARGETS[t]) for t in args.targets)]
-    whitened, results["whitening"] = {}, {}
+    whitened, curved, results["whitening"] = {}, {}, {}
     for kind in ("mlp", "attn"):  # timed apart: an MLP-only conversion does the first part only
-        t0 = time.perf_counter()
         part = [n for n in names if matches_glob(n, TARGETS[kind])]
-        whitened |= {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n]) for n in part}
-        results["whitening"][kind] = {"s": round(time.perf_counter() - t0, 1), "layers": len(part),
-                                      "load_avg": os.getloadavg()[0]}
+        for label, out, curvature in (("", whitened, False), ("curvature-", curved, True)):
+            t0 = time.perf_counter()
+            out |= {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n],
+                                    curvature=grads["moments"][n] if curvature else None) for n in part}
+            results["whitening"][label + kind] = {"s": round(time.perf_counter() - t0, 1), "layers": len(part),
+                                                  "load_avg": os.getloadavg()[0]}
     log(f"whitened SVDs: {results['whitening']}")
 
     def run_arm(targets: str, ratio: float, arm: str) -> None:
         if (targets, ratio, arm) in {(r["targets"], r["ratio"], r["arm"]) for r in rows}:
             return
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
-        model, report = build_arm(dense, whitened, grads["moments"], targets, ratio, arm,
+        model, report = build_arm(dense, whitened, curved, grads["moments"], targets, ratio, arm,
                                   windows[:args.sequential_batches or None])
         extra = {"convert_s": round(time.perf_counter() - t0, 1), "load_avg": [load0, os.getloadavg()[0]]}
         row = arm_row(model, report, eval_tokens, val_tokens, args, targets=targets, ratio=ratio, arm=arm, **extra)
@@ -320,15 +325,15 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
         log(f"{targets}@{ratio} {arm}: ranks {row['rank_min']}-{row['rank_max']}, params x{row['params_ratio']}, "
             f"test loss {row['test']['loss']}, val loss {row['val']['loss']}")
 
-    main_arms, h = ("plain", "whitened-uniform", "loss-layer"), args.headline_ratio
-    later_arms = ("loss-direction",) + (("loss-layer-seq", "loss-layer-seqd") if args.sequential else ())
+    main_arms, h = ("plain", "whitened-uniform", "loss-layer", "curvature"), args.headline_ratio
+    later_arms = ("loss-direction",) + (("loss-layer-seq", "curvature-seq") if args.sequential else ())
     # order: the headline's arms, its fine-tune, the other targets, other ratios
     for arm in main_arms + later_arms:
         run_arm("mlp", h, arm)
     if "headline" not in results and args.steps > 0:
         # the MLP arm with the lowest validation loss (howto, not the test text) is fine-tuned
         best = min((r for r in rows if r["targets"] == "mlp" and r["ratio"] == h), key=lambda r: r["val"]["loss"])
-        model, report = build_arm(dense, whitened, grads["moments"], "mlp", h, best["arm"],
+        model, report = build_arm(dense, whitened, curved, grads["moments"], "mlp", h, best["arm"],
                                   windows[:args.sequential_batches or None])
         results["headline"] = headline(model, report, tok, eval_tokens, val_tokens, args, best)
         save()
@@ -340,31 +345,36 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
                     run_arm(targets, ratio, arm)
 
 
-def build_arm(dense, whitened: dict, grad_moments: dict, targets: str, ratio: float, arm: str, windows=()):
+def build_arm(dense, whitened: dict, curved: dict, grad_moments: dict, targets: str, ratio: float, arm: str,
+              windows=()):
     """``(model, report)``: a copy of ``dense`` with the ``targets`` projections at ``ratio`` of their
-    parameters by ``arm``: plain SVD, whitened at uniform ranks, or whitened with loss-aware ranks;
+    parameters by ``arm``: plain SVD, whitened at uniform ranks, whitened with loss-aware ranks, or the
+    curvature-weighted SVDs (``curved``) at the ranks of their estimated loss (``curvature``);
     ``<arm>-seq``: the ranks of ``<arm>``, factors calibrated sequentially on ``windows``
-    (``tsvd.convert.sequential_factors``); ``<arm>-seqd``: the same, each layer fitted to the dense
-    model's outputs (``dense_targets``)."""
-    if arm.endswith(("-seq", "-seqd")):
-        base, _, kind = arm.rpartition("-")
-        model, report = build_arm(dense, whitened, grad_moments, targets, ratio, base)
+    (``tsvd.convert.sequential_factors``, curvature-weighted for ``curvature``)."""
+    if arm.endswith("-seq"):
+        base = arm.removesuffix("-seq")
+        model, report = build_arm(dense, whitened, curved, grad_moments, targets, ratio, base)
         model = copy.deepcopy(dense)
         ranks = {r.name: r.rank for r in report}
         return model, sequential_factors(model, {n: model.get_submodule(n) for n in ranks}, windows, ranks, log=log,
-                                         dense_targets=kind == "seqd")
+                                         curvatures=grad_moments if base == "curvature" else None)
     model = copy.deepcopy(dense)
     chosen = [n for n in projections(dense) if matches_glob(n, TARGETS[targets])]
     if arm == "plain":
         return model, spectralize(model, TARGETS[targets], params_ratio=ratio)
     shapes = {n: tuple(dense.get_submodule(n).weight.shape) for n in chosen}
     costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
-    uniform = uniform_ranks(shapes, ratio)
-    ws = {n: whitened[n] for n in chosen}
-    if arm != "whitened-uniform":
-        ws, uniform = loss_aware_allocation(ws, grad_moments, costs, budget_spent(uniform, costs),
-                                            arm == "loss-direction")
-    return model, replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, uniform)
+    ranks = uniform_ranks(shapes, ratio)  # whitened-uniform's; the others spend the same budget
+    budget = budget_spent(ranks, costs)
+    if arm == "curvature":
+        ws = {n: curved[n] for n in chosen}
+        ranks = loss_ranks(ws, costs, budget)
+    else:
+        ws = {n: whitened[n] for n in chosen}
+    if arm in ("loss-layer", "loss-direction"):
+        ws, ranks = loss_aware_allocation(ws, grad_moments, costs, budget, arm == "loss-direction")
+    return model, replace_with_factors(model, {n: model.get_submodule(n) for n in chosen}, ws, ranks)
 
 
 def headline(model, report, tok, eval_tokens, val_tokens, args, row: dict) -> dict:
@@ -421,12 +431,12 @@ def main() -> None:
     p.add_argument("--calibration-batch", type=int, default=4)
     p.add_argument("--stop-after", choices=["moments"], help="stop after this cached phase")
     p.add_argument("--sensitivity-batches", type=int, default=2, help="calibration batches for the gradient moments")
-    p.add_argument("--sensitivity-tokens", type=int, default=512,
+    p.add_argument("--sensitivity-tokens", type=int, default=2048,
                    help="--convert-timing: tokens of the gradient pass (whole windows; tsvd convert's default)")
     p.add_argument("--val-windows", type=int, default=4, help="validation windows (howto after the calibration text)")
     p.add_argument("--sequential", action="store_true",
-                   help="also the loss-layer ranks with factors calibrated sequentially (block replay), fitted to "
-                   "each layer's own weight (loss-layer-seq) and to the dense outputs (loss-layer-seqd)")
+                   help="also the loss-layer and curvature ranks with factors calibrated sequentially (block replay): "
+                   "loss-layer-seq, curvature-seq")
     p.add_argument("--sequential-batches", type=int, default=0,
                    help="calibration batches for the sequential passes (0: all)")
     p.add_argument("--headline-ratio", type=float, default=0.8)

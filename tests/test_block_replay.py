@@ -98,48 +98,28 @@ def test_sequential_calibration_by_replay_matches_its_definition():
     assert not torch.allclose(final.moment("layers.2.down"), first.moment("layers.2.down"), rtol=1e-2)
 
 
-
-def test_dense_targets_fit_each_layer_to_the_dense_outputs_on_the_converted_inputs():
-    """``sequential_factors(dense_targets=True)``: every layer is the whitened truncation of
-    ``output_matching_weight`` for its inputs in the converted model (``X̃``) and in the dense model
-    (``X``), the first layer (same inputs in both) is the plain whitened one, and the dense model's
-    outputs are matched better than by fitting each layer to its own weight."""
+def test_sequential_factors_with_curvatures_are_the_curvature_weighted_optimum():
+    """``sequential_factors(curvatures=)``: each layer is the curvature-weighted truncation (inputs of the
+    converted model, the given output-gradient moment), not the input-only one."""
     from tsvd.convert import sequential_factors
-    from tsvd.whitening import output_matching_weight
 
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    dense, xs = Net(), [torch.randn(4, 50, 6, generator=g) for _ in range(3)]  # 600 rows: M well conditioned
+    dense, xs = Net(), batches()
     names = [f"layers.{b}.{p}" for b in range(3) for p in ("gate", "up", "down")]
-
-    def convert(dense_targets: bool) -> Net:
-        model = copy.deepcopy(dense)
-        sequential_factors(model, {n: model.get_submodule(n) for n in names}, xs, {n: 2 for n in names}, loss_fn,
-                           dense_targets=dense_targets)
-        return model
-
-    def inputs(model: Net) -> dict[str, list[torch.Tensor]]:
-        seen: dict[str, list] = {n: [] for n in names}
-        hooks = [model.get_submodule(n).register_forward_pre_hook(
-            lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
-        with torch.no_grad():
-            for x in xs:
-                model(x)
-        for h in hooks:
-            h.remove()
-        return seen
-
-    matched, own = convert(True), convert(False)
-    X, Xt = inputs(dense), inputs(matched)
-    for n in names:  # float32 products per batch, summed in float64, as the conversion forms them
-        M = sum((xt.T @ xt).double() for xt in Xt[n])
-        K = sum((xt.T @ x).double() for xt, x in zip(Xt[n], X[n]))
+    g = torch.Generator().manual_seed(3)
+    curv = {}
+    for n in names:
+        out_f = dense.get_submodule(n).out_features
+        A = torch.randn(out_f, 2 * out_f, generator=g, dtype=torch.float64) * torch.logspace(0, -1, out_f,
+                                                                                              dtype=torch.float64)[:, None]
+        curv[n] = A @ A.T
+    model = copy.deepcopy(dense)
+    sequential_factors(model, {n: model.get_submodule(n) for n in names}, xs, {n: 2 for n in names}, loss_fn,
+                       curvatures=curv)
+    final, _ = collect_moments(model, {n: model.get_submodule(n) for n in names}, xs, loss_fn)
+    for n in names:
         W = dense.get_submodule(n).weight
-        expected = whitened_svd(output_matching_weight(W, M, K), M).weight(2).float()
-        torch.testing.assert_close(matched.get_submodule(n).to_linear().weight, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(matched.get_submodule("layers.0.gate").to_linear().weight,
-                               own.get_submodule("layers.0.gate").to_linear().weight, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():
-        gap = {name: sum(float((m(x) - dense(x)).square().sum()) for x in xs)
-               for name, m in (("matched", matched), ("own", own))}
-    assert gap["matched"] < gap["own"]
+        expected = whitened_svd(W, final.moment(n), curvature=curv[n]).weight(2).float()
+        torch.testing.assert_close(model.get_submodule(n).to_linear().weight, expected, rtol=1e-4, atol=1e-5)
+    plain = whitened_svd(dense.get_submodule("layers.0.gate").weight, final.moment("layers.0.gate")).weight(2).float()
+    assert not torch.allclose(model.get_submodule("layers.0.gate").to_linear().weight, plain, rtol=1e-2, atol=1e-3)

@@ -62,7 +62,8 @@ def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsy
                         lambda model, layers, batches, *a: graded.extend(b.shape for b in batches) or
                         collect(model, layers, batches, *a))
     rc = main(["convert", str(llama_with_tokenizer), str(out), "--targets", "*.mlp.*", "--params-ratio", "0.5",
-               "--calibration", str(text), "--calibration-tokens", "1024"] + ["--sequential"] * sequential)
+               "--calibration", str(text), "--calibration-tokens", "1024", "--sensitivity-tokens", "512"] +
+              ["--sequential"] * sequential)
     assert rc == 0
     printed = capsys.readouterr().out
     assert "calibration: 1,024 tokens" in printed and "loss-aware ranks" in printed

@@ -229,6 +229,56 @@ def test_calibrated_conversion_is_the_whitened_optimum_of_the_layers_inputs():
     assert sum(name in line for line in lines) >= 2 and any(line.startswith("calibration:") for line in lines)
 
 
+def test_loss_aware_conversion_is_the_curvature_weighted_optimum_at_global_ranks():
+    """``params_ratio`` with calibration: every layer is the truncation optimal for the K-FAC loss estimate
+    (its inputs' moment on the calibration batches, its output gradients' moment on the sensitivity
+    batches, measured here by plain hooks), and the ranks keep the directions of largest ``σᵢ²`` per
+    parameter across layers."""
+    from tsvd.allocation import greedy_ranks, rank_cost, ratio_budget
+    from tsvd.whitening import whitened_svd
+    model, windows = tiny_lm(), lm_windows()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n]
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    C = {n: 0 for n in names}
+    G = {n: 0 for n in names}
+
+    def moment(store, n):
+        def add(t):
+            rows = t.detach().reshape(-1, t.shape[-1]).double()
+            store[n] = store[n] + rows.T @ rows
+        return add
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, f=moment(C, n): f(a[0])) for n in names]
+    with torch.no_grad():
+        for w in windows:
+            model(w[:, :-1])
+    for h in hooks:
+        h.remove()
+    def on_output(f):
+        def hook(module, args, out):
+            out.register_hook(f)
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(on_output(moment(G, n))) for n in names]
+    for w in windows[:2]:
+        model(w[:, :-1], w[:, 1:])[1].backward()
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+
+    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, sensitivity=windows[:2])
+    svds = {n: whitened_svd(weights[n], C[n], curvature=G[n]) for n in names}
+    shapes = {n: tuple(weights[n].shape) for n in names}
+    costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
+    ranks = greedy_ranks({n: w.direction_loss() for n, w in svds.items()}, costs, ratio_budget(shapes, 0.5))
+    assert {r.name: r.rank for r in report} == ranks
+    assert len(set(ranks.values())) > 1  # the allocation is not uniform here
+    for n in names:
+        new = model.get_submodule(n)
+        torch.testing.assert_close(((new.V * new.s) @ new.U.T).double(), svds[n].weight(ranks[n]),
+                                   rtol=1e-4, atol=1e-5)  # fp32 forward statistics and fp32 factors
+
+
 def test_calibrated_layers_are_ordinary_spectral_layers():
     from tsvd.retraction import Retractor
     model, windows = tiny_lm(), lm_windows()
@@ -274,6 +324,7 @@ def test_calibrated_layers_are_ordinary_spectral_layers():
         (dict(energy=0.9, calibration=[torch.zeros(1, 3, dtype=torch.long)]), "cannot be combined with energy="),
         (dict(params_ratio=0.5, allocation="loss"), "allocation='loss' needs calibration="),
         (dict(params_ratio=0.5, allocation="energy"), "allocation must be 'loss' or 'uniform'"),
+        (dict(params_ratio=0.5, shrinkage=1.5), r"shrinkage must be in \[0, 1\]"),
     ],
 )
 def test_bad_calibrated_arguments_raise_user_error(kwargs, message):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsvd.whitening import damped_cholesky, output_matching_weight, whitened_svd
+from tsvd.whitening import damped_cholesky, shrunk, whitened_svd
 
 
 def problem(out_f: int = 10, in_f: int = 14, n: int = 200, seed: int = 0):
@@ -99,31 +99,6 @@ def test_shape_mismatch_is_refused():
         whitened_svd(W.T, X @ X.T)
 
 
-def test_output_matching_weight_fits_the_dense_outputs_on_new_inputs():
-    """``W*`` is the least-squares fit of the dense outputs ``W X`` from the new inputs ``X̃`` (float64:
-    exact to ~1e-10), the error splits into the fit's residual plus a whitened term (so the whitened
-    truncation of ``W*`` is the best rank-r weight for the dense outputs), and ``X̃ = X`` returns ``W``."""
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(5, 7, dtype=torch.float64, generator=g)
-    X = torch.randn(7, 200, dtype=torch.float64, generator=g)
-    Xt = X + 0.3 * torch.randn(7, 200, dtype=torch.float64, generator=g)  # the inputs after truncated layers
-    M, K = Xt @ Xt.T, Xt @ X.T
-    best = output_matching_weight(W, M, K, damping=0.0)
-    torch.testing.assert_close(best, torch.linalg.lstsq(Xt.T, (W @ X).T).solution.T, rtol=0, atol=1e-9)
-    other = torch.randn(5, 7, dtype=torch.float64, generator=g)
-    split = (W @ X - best @ Xt).square().sum() + ((best - other) @ Xt).square().sum()
-    torch.testing.assert_close((W @ X - other @ Xt).square().sum(), split, rtol=1e-10, atol=0)
-    torch.testing.assert_close(output_matching_weight(W, X @ X.T, X @ X.T, damping=0.0), W, rtol=0, atol=1e-9)
-    r3 = whitened_svd(best, M, damping=0.0).weight(3)
-    err = lambda V: float((W @ X - V @ Xt).square().sum())  # noqa: E731  (error on the dense outputs)
-    assert err(r3) < err(whitened_svd(W, M, damping=0.0).weight(3))  # the own-weight truncation on X̃
-    P, S, Qh = torch.linalg.svd(r3)
-    for _ in range(5):  # nearby rank-3 weights do worse
-        a = P[:, :3] * S[:3] + 0.01 * torch.randn(5, 3, dtype=torch.float64, generator=g)
-        b = Qh[:3] + 0.01 * torch.randn(3, 7, dtype=torch.float64, generator=g)
-        assert err(r3) < err(a @ b)
-
-
 @pytest.mark.parametrize("out_f, in_f", [(8, 5), (5, 8)])
 def test_factors_stay_orthonormal_past_the_weights_rank(out_f, in_f):
     """A rank-2 weight kept at full rank: the directions past its rank have σ ≈ 0 and no meaningful
@@ -138,3 +113,69 @@ def test_factors_stay_orthonormal_past_the_weights_rank(out_f, in_f):
     torch.testing.assert_close(U.T @ U, eye, rtol=0, atol=1e-12)
     torch.testing.assert_close(V.T @ V, eye, rtol=0, atol=1e-12)
     torch.testing.assert_close((V * s) @ U.T, W, rtol=0, atol=1e-9)
+
+
+def curvature(out_f: int, seed: int) -> torch.Tensor:
+    """An anisotropic, correlated output-gradient moment ``Σ g gᵀ`` of full rank."""
+    g = torch.Generator().manual_seed(seed)
+    Gr = torch.randn(out_f, 3 * out_f, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, out_f,
+                                                                                          dtype=torch.float64)[:, None]
+    return Gr @ Gr.T
+
+
+def kfac_error(W: torch.Tensor, W2: torch.Tensor, C: torch.Tensor, G: torch.Tensor) -> float:
+    """The K-FAC loss estimate ``tr(ΔW C ΔWᵀ G)`` of replacing ``W`` by ``W2``."""
+    D = W - W2
+    return float(torch.trace(D @ C @ D.T @ G))
+
+
+@pytest.mark.parametrize("out_f, in_f", [(10, 14), (14, 10)])
+def test_curvature_weighted_truncation_is_the_optimum_of_the_kfac_loss(out_f, in_f):
+    """Both sides whitened: the truncation loss is ``tr(ΔW C ΔWᵀ G̃)`` exactly, the rank-r weight beats
+    the input-only whitened truncation and nearby rank-r weights on it, and the factors are orthonormal."""
+    W, X = problem(out_f, in_f, seed=5)
+    C, G = X @ X.T, curvature(out_f, 6)
+    Gt = shrunk(G, 0.3)
+    ws = whitened_svd(W, C, damping=0.0, curvature=G, shrinkage=0.3)
+    one_sided = whitened_svd(W, C, damping=0.0)
+    g = torch.Generator().manual_seed(8)
+    for r in (1, 4, 7):
+        best = kfac_error(W, ws.weight(r), C, Gt)
+        assert best == pytest.approx(ws.truncation_loss(r), rel=1e-9)
+        assert best < kfac_error(W, one_sided.weight(r), C, Gt)
+        U, s, V = ws.factors(r)
+        eye = torch.eye(r, dtype=torch.float64)
+        torch.testing.assert_close(U.T @ U, eye, rtol=0, atol=1e-12)
+        torch.testing.assert_close(V.T @ V, eye, rtol=0, atol=1e-12)
+        assert bool((s[:-1] >= s[1:]).all())
+        torch.testing.assert_close((V * s) @ U.T, ws.weight(r), rtol=1e-9, atol=1e-9)
+        for _ in range(10):
+            cand = (V * s + 1e-3 * torch.randn(out_f, r, generator=g, dtype=torch.float64)) @ \
+                (U.T + 1e-3 * torch.randn(r, in_f, generator=g, dtype=torch.float64))
+            assert kfac_error(W, cand, C, Gt) >= best * (1 - 1e-12)
+    torch.testing.assert_close(ws.weight(min(out_f, in_f)), W, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("out_f, in_f", [(10, 14), (14, 10)])
+def test_isotropic_curvature_is_the_input_whitened_svd_scaled(out_f, in_f):
+    """``G = c·I`` (or full shrinkage of any ``G`` with mean diagonal ``c``) keeps the input-whitened
+    directions and multiplies every ``σᵢ²`` by ``c``: the curvature only ranks layers against each other."""
+    W, X = problem(out_f, in_f, seed=9)
+    C = X @ X.T
+    G = curvature(out_f, 10)
+    c = float(G.diagonal().mean())
+    plain = whitened_svd(W, C)
+    for ws in (whitened_svd(W, C, curvature=c * torch.eye(out_f, dtype=torch.float64), shrinkage=0.0),
+               whitened_svd(W, C, curvature=G, shrinkage=1.0)):
+        # G̃'s Cholesky (wide weights) adds the relative damping 1e-6·mean(diag)·I: σᵢ² off by ≤ 1e-6 relative
+        torch.testing.assert_close(ws.direction_loss(), c * plain.direction_loss(), rtol=3e-6, atol=0)
+        for r in (2, 5):
+            torch.testing.assert_close(ws.weight(r), plain.weight(r), rtol=1e-6, atol=1e-8)
+
+
+def test_bad_curvature_is_refused():
+    W, X = problem()
+    with pytest.raises(ValueError, match="curvature .* does not fit"):
+        whitened_svd(W, X @ X.T, curvature=torch.eye(W.shape[1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="shrinkage must be in"):
+        shrunk(torch.eye(3), 1.5)

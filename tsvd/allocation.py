@@ -7,9 +7,11 @@ A spectral ``out×in`` layer of rank ``r`` stores ``r·(in + out + 1)`` numbers 
   ``i``), keep the directions with the largest loss per parameter until the budget is spent. For
   losses that add over directions and layers this is the optimum of the budgeted problem up to the
   last rank (the per-layer cost of a direction is constant and the gains are sorted).
-- ``fisher_gains``: what makes the gains the model's loss rather than each layer's own output error.
-  A whitened direction's output error ``σᵢ²`` (``tsvd.whitening``) is weighted by the curvature of the
-  model's loss along the direction's output vector, measured by the layer's output-gradient moment.
+- Gains in the model's loss rather than each layer's own output error: ``tsvd convert`` whitens both
+  sides of each weight (``tsvd.whitening.whitened_svd(curvature=G)``), whose ``σᵢ²`` are then loss
+  estimates and go to ``greedy_ranks`` as they are. ``fisher_gains`` / ``loss_aware_allocation`` weigh
+  the input-only whitened directions instead, each ``σᵢ²`` by the loss curvature along its output
+  vector (the earlier rule, kept for the comparison in ``bench/smollm2.py``).
 """
 
 from __future__ import annotations

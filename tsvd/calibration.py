@@ -151,14 +151,19 @@ class InputMoments:
 
 
 class OutputGradientMoments:
-    """``with OutputGradientMoments(layers) as m: <forward + backward passes>``; then ``m.moment(name)`` is
-    ``Σ g gᵀ`` (float64, ``out×out``) over the gradients ``g = ∂loss/∂y`` of every output row of layer
-    ``name``: the (empirical Fisher) curvature of the loss in the layer's output space (complete once the
-    ``with`` block has ended; the products are formed as upper triangles, like ``InputMoments``)."""
+    """``with OutputGradientMoments(layers) as m:`` then, per batch, ``m.add(loss_fn(model, batch))``;
+    afterwards ``m.moment(name)`` is ``Σ g gᵀ`` (float64, ``out×out``) over the gradients
+    ``g = ∂loss/∂y`` of every output row of layer ``name``: the (empirical Fisher) curvature of the loss
+    in the layer's output space (the products are formed as upper triangles, like ``InputMoments``).
+
+    ``add`` asks autograd for the gradients of the layers' outputs only (``torch.autograd.grad``), so no
+    parameter gradient is formed or stored: the backward pass skips the weight-gradient products and
+    stops below the first target layer."""
 
     def __init__(self, layers: dict[str, nn.Linear]) -> None:
         self.layers = layers
         self._sums: dict[str, Tensor] = {}
+        self._outputs: list[tuple[str, Tensor]] = []
         self._handles: list = []
 
     def __enter__(self) -> "OutputGradientMoments":
@@ -170,22 +175,30 @@ class OutputGradientMoments:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._outputs.clear()
         for name, acc in self._sums.items():
             self._sums[name] = acc.triu() + acc.triu(1).T
 
     def _hook(self, name: str) -> Callable:
-        def accumulate(g: Tensor) -> None:
-            rows = g.detach().reshape(-1, g.shape[-1])
-            gram = upper_gram(rows)
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            if out.requires_grad:
+                self._outputs.append((name, out))
+        return hook
+
+    def add(self, loss: Tensor) -> None:
+        """Accumulate the output gradients of ``loss`` for the outputs recorded since the last call."""
+        outputs, self._outputs = self._outputs, []
+        if not outputs:
+            return
+        grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
+        for (name, _), g in zip(outputs, grads):
+            if g is None:
+                continue
+            gram = upper_gram(g.detach().reshape(-1, g.shape[-1]))
             if name in self._sums:
                 self._sums[name] += gram
             else:
                 self._sums[name] = gram.double()
-
-        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-            if out.requires_grad:
-                out.register_hook(accumulate)
-        return hook
 
     def moment(self, name: str) -> Tensor:
         if name not in self._sums:
@@ -195,12 +208,11 @@ class OutputGradientMoments:
 
 def collect_output_gradients(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Tensor],
                              loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> OutputGradientMoments:
-    """Forward and backward ``loss_fn(model, batch)`` over the batches with the output-gradient hooks on
-    (parameter gradients are discarded; the weights are not changed)."""
+    """Forward ``loss_fn(model, batch)`` over the batches and backward to the layers' outputs only
+    (``OutputGradientMoments.add``: no parameter gradients; the weights are not changed)."""
     with OutputGradientMoments(layers) as moments, torch.enable_grad():
         for batch in batches:
-            loss_fn(model, batch).backward()
-            model.zero_grad(set_to_none=True)
+            moments.add(loss_fn(model, batch))
     return moments
 
 

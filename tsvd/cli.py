@@ -151,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "of their dense parameters, in (0, 1]; with --calibration ranks follow the model's loss")
     g.add_argument("--budget", type=int, metavar="N", help="the targeted layers' factors hold N parameters")
     p.add_argument("--calibration", metavar="FILE", help="text file (or prepared tsvd dataset dir): activation-aware "
-                   "factors, optimal on these inputs, and loss-aware ranks (see docs/hf.md)")
+                   "factors, optimal on these inputs; with --params-ratio/--budget optimal for the model's loss to second order, "
+                   "with loss-aware ranks (see docs/hf.md)")
     p.add_argument("--calibration-tokens", type=int, default=32768, metavar="N",
                    help="calibration tokens to use (default 32768)")
-    p.add_argument("--sensitivity-tokens", type=int, default=512, metavar="N",
-                   help="calibration tokens of the gradient pass that allocates ranks (default 512)")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048, metavar="N",
+                   help="calibration tokens of the gradient pass that measures the loss's curvature for the factors "
+                   "and the ranks of --params-ratio/--budget (default 2048)")
     p.add_argument("--sequential", action="store_true", help="with --calibration: fit each layer's factors to the "
                    "inputs of the model whose earlier layers are already converted (a few more calibration passes; "
                    "holds the calibration tokens' hidden states)")

@@ -2,8 +2,9 @@
 
 Pretrained weights become truncated-SVD factors. Per layer (``rank=``, ``energy=``) or for the whole set
 (``params_ratio=``, ``budget=``); by the weight's own SVD, or, with ``calibration=``, by the
-activation-aware SVD that is optimal on the calibration inputs (``tsvd.whitening``), with ranks allocated
-by the model's loss (``tsvd.allocation``).
+activation-aware SVD that is optimal on the calibration inputs (``tsvd.whitening``), or, for a global
+size, the SVD that is optimal for the model's loss to second order (both sides whitened: inputs and
+output curvature) with ranks allocated across layers by that loss (``tsvd.allocation.greedy_ranks``).
 """
 
 from __future__ import annotations
@@ -17,21 +18,21 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, ratio_budget, uniform_ranks
+from tsvd.allocation import budget_spent, greedy_ranks, rank_cost, ratio_budget, uniform_ranks
 from tsvd.block_replay import block_index, block_inputs, find_blocks, run_block
 from tsvd.calibration import (InputMoments, collect_moments, collect_output_gradients, forward_stages,
                               next_token_loss, stage_moments)
 from tsvd.errors import UserError
 from tsvd.sizes import check_size
 from tsvd.spectral import INITS, SpectralLinear, check_rank
-from tsvd.whitening import DAMPING, WhitenedSVD, output_matching_weight, whitened_svd
+from tsvd.whitening import DAMPING, SHRINKAGE, WhitenedSVD, whitened_svd
 
 
 @dataclass(frozen=True)
 class LayerReport:
     """One converted layer: ``retained_energy`` is ``Σ kept sᵢ² / ‖W‖_F²`` (1.0 for fresh layers); for a
     calibrated conversion, the kept fraction of the layer's output energy on the calibration inputs
-    (``Σ kept σᵢ² / ‖W X‖_F²`` of the whitened SVD)."""
+    (``Σ kept σᵢ² / ‖W X‖_F²`` of the whitened SVD; curvature-weighted, of ``tr(W C Wᵀ G̃)``)."""
 
     name: str
     in_features: int
@@ -87,6 +88,7 @@ def spectralize(
     sequential: bool = False,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
     damping: float = DAMPING,
+    shrinkage: float = SHRINKAGE,
     log: Callable[[str], None] | None = None,
 ) -> list[LayerReport]:
     """Replace every ``nn.Linear`` whose qualified name matches a glob in ``targets`` (and none in
@@ -100,10 +102,11 @@ def spectralize(
     truncated SVD; ``params_ratio``/``budget`` then give every layer the same fraction. With
     ``calibration`` — batches passed as ``loss_fn(model, batch)`` (default: token windows ``(B, T+1)``
     of a causal LM, ``tsvd.calibration.next_token_loss``) — by the activation-aware SVD optimal on the
-    calibration inputs, and ``allocation="loss"`` (the default there) spends the budget where the
-    model's calibration loss rises most per parameter (``loss_aware_ranks``: a backward pass over the
-    batches ``sensitivity``, default the first calibration batch); ``allocation="uniform"`` keeps the
-    same fraction per layer.
+    calibration inputs. ``allocation="loss"`` (the default there) weighs each layer's output errors by
+    the curvature of the model's loss too (``output_curvatures``: a backward pass over the batches
+    ``sensitivity``, default the first calibration batch; shrunk by ``shrinkage``, ``tsvd.whitening``)
+    and spends the budget on the directions of every layer with the largest estimated loss per
+    parameter; ``allocation="uniform"`` keeps the same fraction per layer, input whitening only.
     ``sequential=True`` (with ``calibration``) then factors the layers stage by stage in forward order,
     each on the inputs produced by the already-converted layers before it (``sequential_factors``; the
     ranks stay those chosen above, from the unconverted model).
@@ -129,6 +132,10 @@ def spectralize(
         raise UserError("spectralize: allocation='loss' needs calibration= and params_ratio= or budget=")
     if sequential and calibration is None:
         raise UserError("spectralize: sequential=True needs calibration=")
+    if calibration is not None and len(calibration) == 0:
+        raise UserError("spectralize: calibration has no batches")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise UserError(f"spectralize: shrinkage must be in [0, 1], got {shrinkage}")
 
     chosen = [(n, m) for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and matches_glob(n, targets) and not matches_glob(n, exclude)]
@@ -157,12 +164,17 @@ def spectralize(
             ranks = {n: min(rank, *shapes[n]) for n in layers}
         if sequential and allocation == "uniform":  # the ranks need no pass over the unconverted model
             return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
-        whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log)
+        curvatures = None
         if allocation == "loss":
             grad_batches = calibration[:1] if sensitivity is None else sensitivity
-            whitened, ranks = loss_aware_ranks(model, layers, whitened, budget, grad_batches, loss_fn, log=log)
+            curvatures = output_curvatures(model, layers, grad_batches, loss_fn, log)
+        whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log, curvatures, shrinkage)
+        if allocation == "loss":
+            ranks = loss_ranks(whitened, {n: rank_cost(m.in_features, m.out_features) for n, m in layers.items()},
+                               budget, log)
         if sequential:
-            return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
+            return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log,
+                                      curvatures=curvatures, shrinkage=shrinkage)
         return replace_with_factors(model, layers, whitened, ranks, log)
 
     report: list[LayerReport] = []
@@ -188,10 +200,10 @@ def spectralize(
 @torch.no_grad()
 def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
                     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss, damping: float = DAMPING,
-                    log: Callable[[str], None] | None = None) -> dict[str, WhitenedSVD]:
-    """One pass over the calibration batches, then each layer's whitened SVD (``tsvd.whitening``)."""
-    if len(calibration) == 0:
-        raise UserError("spectralize: calibration has no batches")
+                    log: Callable[[str], None] | None = None, curvatures: dict[str, Tensor] | None = None,
+                    shrinkage: float = SHRINKAGE) -> dict[str, WhitenedSVD]:
+    """One pass over the calibration batches, then each layer's whitened SVD (``tsvd.whitening``;
+    curvature-weighted where ``curvatures`` gives the layer's output-gradient moment)."""
     t0 = time.perf_counter()
     moments, base = collect_moments(model, layers, calibration, loss_fn, log)
     if log is not None:
@@ -200,7 +212,8 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
     out: dict[str, WhitenedSVD] = {}
     for k, (name, layer) in enumerate(layers.items()):
         t1 = time.perf_counter()
-        out[name] = whitened_svd(layer.weight, moments.moment(name), damping)
+        out[name] = whitened_svd(layer.weight, moments.moment(name), damping,
+                                 None if curvatures is None else curvatures[name], shrinkage)
         if log is not None:
             log(f"  whitened SVD {k + 1}/{len(layers)} {name} ({moments.rows(name):,} input rows, "
                 f"{time.perf_counter() - t1:.1f} s)")
@@ -210,7 +223,8 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
 def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
                        ranks: dict[str, int], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
                        damping: float = DAMPING, log: Callable[[str], None] | None = None,
-                       dense_targets: bool = False) -> list[LayerReport]:
+                       curvatures: dict[str, Tensor] | None = None,
+                       shrinkage: float = SHRINKAGE) -> list[LayerReport]:
     """Replace the layers by whitened rank-``ranks[name]`` factors one stage at a time, in forward order
     (``tsvd.calibration.forward_stages``): each stage's input moments are measured on the model with
     every earlier stage already replaced, so a layer's factors are optimal for the inputs the truncated
@@ -218,10 +232,8 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
     blocks' inputs are cached for the calibration batches and each stage replays only its own block
     (``tsvd.block_replay``; memory: the batches' hidden states, time: a few full passes); otherwise each
     stage costs one calibration pass, cut short at the stage (memory: one stage's statistics).
-    ``dense_targets`` (block lists only) fits each layer to the *dense* model's outputs instead of its own
-    weight's on the new inputs (``tsvd.whitening.output_matching_weight``): an unconverted copy of the
-    current block is replayed on the dense stream beside it (twice the replays and hidden states).
-    The report is in forward order; layers the forward pass never feeds are refused."""
+    ``curvatures`` (each layer's output-gradient moment, from the dense model) weighs the output errors as
+    in ``calibrated_svds``. The report is in forward order; layers the forward pass never feeds are refused."""
     if len(calibration) == 0:
         raise UserError("spectralize: calibration has no batches")
     stages = forward_stages(model, layers, calibration[0], loss_fn)
@@ -241,61 +253,23 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
             log(f"sequential stage {k + 1}/{len(stages)} ({', '.join(stage)}): {time.perf_counter() - t0:.1f} s")
 
     def own_targets(moments: InputMoments, part: dict[str, nn.Linear]) -> dict[str, WhitenedSVD]:
-        return {n: whitened_svd(lin.weight, moments.moment(n), damping) for n, lin in part.items()}
+        return {n: whitened_svd(lin.weight, moments.moment(n), damping,
+                                None if curvatures is None else curvatures[n], shrinkage) for n, lin in part.items()}
 
     if blocks is None:
-        if dense_targets:
-            raise UserError("calibration: dense targets need the layers inside one block list (nn.ModuleList)")
         for k, stage in enumerate(stages):
             fit(k, stage, lambda part: own_targets(stage_moments(model, part, calibration, loss_fn), part))
         return report
     list_name, block_list = blocks
     inputs = block_inputs(model, block_list[0], calibration, loss_fn)
-    dense_inputs = inputs
     last = max(block_index(list_name, stage[0]) for stage in stages)
     for b in range(last + 1):
-        block, head = block_list[b], f"{list_name}.{b}." if list_name else f"{b}."
-        dense_block = copy.deepcopy(block) if dense_targets else None
-
-        def matched(part: dict[str, nn.Linear]) -> dict[str, WhitenedSVD]:
-            first = next(iter(part))  # a stage's layers share one input
-            M, K = block_cross_moments(dense_block, block, dense_inputs, inputs,
-                                       dense_block.get_submodule(first.removeprefix(head)), part[first])
-            return {n: whitened_svd(output_matching_weight(lin.weight, M, K, damping), M, damping)
-                    for n, lin in part.items()}
-
         for k, stage in enumerate(stages):
             if block_index(list_name, stage[0]) == b:
-                fit(k, stage, matched if dense_targets else
-                    lambda part: own_targets(block_moments(block, inputs, part), part))
+                fit(k, stage, lambda part: own_targets(block_moments(block_list[b], inputs, part), part))
         if b < last:
-            inputs = run_block(block, inputs)
-            dense_inputs = run_block(dense_block, dense_inputs) if dense_targets else inputs
+            inputs = run_block(block_list[b], inputs)
     return report
-
-
-@torch.no_grad()
-def block_cross_moments(dense_block: nn.Module, block: nn.Module, dense_inputs: list, inputs: list,
-                        dense_layer: nn.Module, layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """``(M, K)`` (float64, ``in×in``): ``M = Σ x̃ x̃ᵀ`` over the inputs ``x̃`` of ``layer`` (inside the
-    partly converted ``block``) and the cross moment ``K = Σ x̃ xᵀ`` with the inputs ``x`` of the same
-    tokens at ``dense_layer`` (inside ``dense_block``, an unconverted copy), from paired replays."""
-    seen: list[Tensor] = []
-    M = K = None
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-             for m in (dense_layer, layer)]
-    try:
-        for dense_in, conv_in in zip(dense_inputs, inputs):
-            run_block(dense_block, [dense_in], stop_at=dense_layer)
-            run_block(block, [conv_in], stop_at=layer)
-            x, xt = seen
-            seen.clear()
-            m, k = (xt.T @ xt).double(), (xt.T @ x).double()
-            M, K = (m, k) if M is None else (M + m, K + k)
-    finally:
-        for h in hooks:
-            h.remove()
-    return M, K
 
 
 def block_moments(block: nn.Module, inputs: list, part: dict[str, nn.Linear]) -> InputMoments:
@@ -306,22 +280,27 @@ def block_moments(block: nn.Module, inputs: list, part: dict[str, nn.Linear]) ->
     return moments
 
 
-def loss_aware_ranks(model: nn.Module, layers: dict[str, nn.Linear], whitened: dict[str, WhitenedSVD], budget: int,
-                     batches: Sequence[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
-                     per_direction: bool = False, log: Callable[[str], None] | None = None
-                     ) -> tuple[dict[str, WhitenedSVD], dict[str, int]]:
-    """Spend ``budget`` parameters where the model's loss rises most per parameter: one backward pass
-    over ``batches`` gives each layer's output-gradient moment ``G``, and dropping whitened direction
-    ``i`` costs about ``σᵢ² pᵢᵀ G pᵢ`` of loss (``tsvd.allocation.loss_aware_allocation``)."""
+def output_curvatures(model: nn.Module, layers: dict[str, nn.Linear], batches: Sequence[Tensor],
+                      loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                      log: Callable[[str], None] | None = None) -> dict[str, Tensor]:
+    """Each layer's output-gradient moment ``G = Σ g gᵀ`` (``out×out``, float64) from one forward and
+    backward pass over ``batches`` (``tsvd.calibration.collect_output_gradients``)."""
     t0 = time.perf_counter()
     grads = collect_output_gradients(model, layers, batches, loss_fn)
-    costs = {n: rank_cost(lin.in_features, lin.out_features) for n, lin in layers.items()}
-    ordered, ranks = loss_aware_allocation(whitened, {n: grads.moment(n) for n in layers}, costs, budget,
-                                           per_direction)
+    if log is not None:
+        log(f"output curvature: {len(batches)} backward passes, {time.perf_counter() - t0:.1f} s")
+    return {n: grads.moment(n) for n in layers}
+
+
+def loss_ranks(whitened: dict[str, WhitenedSVD], costs: dict[str, int], budget: int,
+               log: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Ranks keeping the directions of largest estimated loss per parameter across all layers: for
+    curvature-weighted SVDs each ``σᵢ²`` is that loss (``tsvd.allocation.greedy_ranks``)."""
+    ranks = greedy_ranks({n: w.direction_loss() for n, w in whitened.items()}, costs, budget)
     if log is not None:
         log(f"loss-aware ranks {min(ranks.values())}-{max(ranks.values())}, {budget_spent(ranks, costs):,} of "
-            f"{budget:,} parameters ({len(batches)} backward passes, {time.perf_counter() - t0:.1f} s)")
-    return ordered, ranks
+            f"{budget:,} parameters")
+    return ranks
 
 
 @torch.no_grad()

@@ -11,9 +11,15 @@ discarded ``σᵢ²`` (SVD-LLM's result).
 the engine's form ``W' = V diag(s) Uᵀ`` with orthonormal ``U (in×r)``, ``V (out×r)`` and ``s ≥ 0``
 descending (``tsvd.spectral.SpectralLinear``), through QRs of both factors and an ``r×r`` SVD.
 
-When earlier layers are already truncated, a layer sees inputs ``X̃`` instead of the dense model's ``X``;
-``output_matching_weight`` gives the weight whose outputs on ``X̃`` best match the dense outputs ``W X``,
-and its whitened SVD (on ``X̃``'s moment) is then the best rank-``r`` replacement for that goal.
+The model's loss weighs output errors unequally. With the layer's output-gradient moment ``G = Σ g gᵀ``
+(``g = ∂loss/∂y``) the Kronecker-factored (K-FAC) second-order estimate of the loss a change ``ΔW`` causes
+is ``∝ tr(ΔW C ΔWᵀ G)`` (Fisher ``≈ C ⊗ G``). ``whitened_svd(W, C, curvature=G)`` whitens both sides:
+with ``G̃ = R Rᵀ`` the best rank-``r`` ``W'`` for that estimate is ``R⁻ᵀ [Rᵀ W L]_r L⁻¹`` and each ``σᵢ²``
+is the estimated loss of dropping direction ``i`` — comparable across layers, so a global budget can
+rank the directions of every layer by it (GFWSVD's generalization of Fisher-weighted SVD, with the
+Kronecker factors taken from K-FAC). ``G`` from a few hundred tokens is noisy and rank-deficient, so it
+is shrunk towards its isotropic mean: ``G̃ = (1 − α) G + α · mean(diag G) · I`` (``α = 1`` weighs every
+output alike, the plain whitened SVD scaled by the layer's mean curvature).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import Tensor
 
 DAMPING = 1e-6  # relative to mean(diag C): far below any direction the data uses, enough for Cholesky
+SHRINKAGE = 0.5  # α of the output curvature's shrinkage (docs/hf.md: chosen on SmolLM2's validation text)
 
 
 def damped(C: Tensor, damping: float = DAMPING) -> Tensor:
@@ -32,6 +39,16 @@ def damped(C: Tensor, damping: float = DAMPING) -> Tensor:
     C = C.double()
     scale = float(C.diagonal().mean()) if C.numel() else 0.0
     return C + damping * (scale if scale > 0 else 1.0) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
+def shrunk(G: Tensor, shrinkage: float = SHRINKAGE) -> Tensor:
+    """``(1 − α) G + α · mean(diag G) · I`` (float64, ``α = shrinkage`` in [0, 1]): the curvature estimate
+    pulled towards its isotropic mean, keeping its trace (so layers stay comparable)."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    G = G.double()
+    return (1.0 - shrinkage) * G + shrinkage * float(G.diagonal().mean()) * torch.eye(G.shape[0], dtype=G.dtype,
+                                                                                     device=G.device)
 
 
 def damped_cholesky(C: Tensor, damping: float = DAMPING) -> Tensor:
@@ -48,19 +65,22 @@ def damped_cholesky(C: Tensor, damping: float = DAMPING) -> Tensor:
 @dataclass(frozen=True)
 class WhitenedSVD:
     """``W L = P diag(σ) Qᵀ`` stored as ``P (out×k)``, ``σ (k)``, ``B = L⁻ᵀ Q (in×k)``, ``k = min(out, in)``,
-    all float64: the rank-``r`` optimum on the calibration inputs is ``P_r diag(σ_r) B_rᵀ``."""
+    all float64: the rank-``r`` optimum on the calibration inputs is ``P_r diag(σ_r) B_rᵀ``. Curvature-
+    weighted (``Rᵀ W L = P̃ diag(σ) Qᵀ``): ``P = R⁻ᵀ P̃``, and ``σᵢ²`` estimates the loss, not the output error."""
 
     P: Tensor
     sigma: Tensor
     B: Tensor
     orthonormal_P: bool = False  # P's columns orthonormal to rounding (eigenvectors), whatever σ
+    curvature_weighted: bool = False  # σ from both sides' whitening: P is G̃-orthonormal, not orthonormal
 
     @property
     def max_rank(self) -> int:
         return self.sigma.numel()
 
     def direction_loss(self) -> Tensor:
-        """``σᵢ²``: the calibration output error (``‖ΔW X‖_F²``) of dropping direction ``i``, descending."""
+        """``σᵢ²``: the calibration output error (``‖ΔW X‖_F²``) of dropping direction ``i``, descending
+        (curvature-weighted: its K-FAC loss estimate ``tr(ΔW C ΔWᵀ G̃)``)."""
         return self.sigma.square()
 
     def truncation_loss(self, rank: int) -> float:
@@ -70,7 +90,8 @@ class WhitenedSVD:
     def reordered(self, order: Tensor) -> "WhitenedSVD":
         """The same directions in another order (``order`` a permutation of ``range(max_rank)``): keeping a
         prefix then keeps any chosen subset; its truncation loss is still the sum of the dropped ``σᵢ²``."""
-        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order], self.orthonormal_P)
+        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order], self.orthonormal_P,
+                           self.curvature_weighted)
 
     def weight(self, rank: int) -> Tensor:
         """The dense rank-``rank`` optimum ``W'`` (``out×in``, float64)."""
@@ -83,53 +104,58 @@ class WhitenedSVD:
         ``B_r = Q_B R_B`` (QR), ``diag(σ_r) R_Bᵀ = Pm diag(s) Qmᵀ`` (``r×r`` SVD); then ``V = P_r Pm``,
         ``U = Q_B Qm``: ``O((in + out)·r²)`` on top of the stored SVD. ``P_r`` is used as it is when its
         columns are orthonormal to rounding — eigenvectors, or ``A q / σ`` with every kept
-        ``σ ≥ 1e-6·σ₁`` (error ``~1e-16·σ₁/σ``) — and replaced by the ``Q`` of its QR otherwise.
+        ``σ ≥ 1e-6·σ₁`` (error ``~1e-16·σ₁/σ``) — and replaced by the ``Q`` of its QR otherwise (always
+        when curvature-weighted).
         """
         P = self.P[:, :rank]
         Rp = None
-        if not (self.orthonormal_P or rank == 0 or bool(self.sigma[rank - 1] >= 1e-6 * self.sigma[0])):
+        plain = self.orthonormal_P or rank == 0 or bool(self.sigma[rank - 1] >= 1e-6 * self.sigma[0])
+        if rank > 0 and (self.curvature_weighted or not plain):
             P, Rp = torch.linalg.qr(P)
         Qb, Rb = torch.linalg.qr(self.B[:, :rank])
         core = self.sigma[:rank, None] * Rb.T if Rp is None else (Rp * self.sigma[:rank]) @ Rb.T
         Pm, s, Qmh = torch.linalg.svd(core)
         return Qb @ Qmh.T, s, P @ Pm
 
-def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING) -> WhitenedSVD:
+def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING, curvature: Tensor | None = None,
+                 shrinkage: float = SHRINKAGE) -> WhitenedSVD:
     """The SVD of ``A = W L`` (``W`` ``out×in``, input second moment ``C``, ``L Lᵀ = damped(C)``), mapped
-    back by ``L⁻ᵀ``. Computed from the eigen-decomposition of the smaller Gram in float64, about half the
-    time of a direct SVD at SmolLM2's shapes. ``σᵢ²`` are exact to ``~1e-16·σ₁²`` (``σᵢ`` to
-    ``~1e-8·σ₁``): only directions far below anything a truncation keeps lose accuracy, and those of
-    ``σᵢ ≤ 1e-13·σ₁`` get zero vectors; ``factors`` re-orthonormalizes what it keeps where needed.
+    back by ``L⁻ᵀ``; with ``curvature`` (the output-gradient moment ``G``, ``out×out``) the SVD of
+    ``A = Rᵀ W L`` (``R Rᵀ = shrunk(G, shrinkage)``, damped), mapped back by ``R⁻ᵀ`` and ``L⁻ᵀ``.
+    Computed from the eigen-decomposition of the smaller Gram in float64, about half the time of a
+    direct SVD at SmolLM2's shapes. ``σᵢ²`` are exact to ``~1e-16·σ₁²`` (``σᵢ`` to ``~1e-8·σ₁``): only
+    directions far below anything a truncation keeps lose accuracy, and those of ``σᵢ ≤ 1e-13·σ₁`` get
+    zero vectors; ``factors`` re-orthonormalizes what it keeps where needed.
 
-    ``out < in``: ``A Aᵀ = W damped(C) Wᵀ = P diag(σ²) Pᵀ`` and ``B = L⁻ᵀ Aᵀ P / σ = Wᵀ P / σ`` (no
-    Cholesky, no triangular solve); ``out ≥ in``: ``AᵀA = Q diag(σ²) Qᵀ``, ``P = A Q / σ``, ``B = L⁻ᵀ Q``."""
+    ``out < in``: ``A Aᵀ = Rᵀ W damped(C) Wᵀ R = P̃ diag(σ²) P̃ᵀ``, ``P = R⁻ᵀ P̃`` and
+    ``B = L⁻ᵀ Aᵀ P̃ / σ = Wᵀ R P̃ / σ`` (no Cholesky of ``C``); ``out ≥ in``:
+    ``AᵀA = Lᵀ Wᵀ G̃ W L = Q diag(σ²) Qᵀ``, ``P = R⁻ᵀ A Q / σ = W L Q / σ``, ``B = L⁻ᵀ Q`` (no Cholesky of
+    ``G̃``). Without ``curvature``, ``R = G̃ = I``."""
     W = W.detach().double()
     if C.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"second moment {tuple(C.shape)} does not fit a weight {tuple(W.shape)} (needs in×in)")
+    if curvature is not None and curvature.shape != (W.shape[0], W.shape[0]):
+        raise ValueError(f"curvature {tuple(curvature.shape)} does not fit a weight {tuple(W.shape)} (needs out×out)")
     C = C.to(W.device)
+    G = None if curvature is None else shrunk(curvature.to(W.device), shrinkage)
     wide = W.shape[0] < W.shape[1]
     if wide:
         gram = W @ damped(C, damping) @ W.T
+        if G is not None:
+            R = damped_cholesky(G, damping)
+            gram = R.T @ gram @ R
     else:
         L = damped_cholesky(C, damping)
         A = W @ L
-        gram = A.T @ A
+        gram = A.T @ A if G is None else A.T @ G @ A
     lam, vecs = torch.linalg.eigh(gram)
     lam, vecs = lam.flip(0).clamp_min(0), vecs.flip(1)
     sigma = lam.sqrt()
     inv = torch.where(sigma > sigma[:1] * 1e-13, 1.0 / sigma, torch.zeros_like(sigma))
-    if wide:
+    if not wide:
+        B = torch.linalg.solve_triangular(L.T, vecs, upper=True)
+        return WhitenedSVD((A @ vecs) * inv, sigma, B, curvature_weighted=G is not None)
+    if G is None:
         return WhitenedSVD(vecs, sigma, (W.T @ vecs) * inv, orthonormal_P=True)
-    return WhitenedSVD((A @ vecs) * inv, sigma, torch.linalg.solve_triangular(L.T, vecs, upper=True))
-
-def output_matching_weight(W: Tensor, M: Tensor, K: Tensor, damping: float = DAMPING) -> Tensor:
-    """The weight ``W*`` (``out×in``, float64) whose outputs on the inputs ``X̃`` come closest to ``W``'s
-    outputs on the inputs ``X`` it had in the dense model (``X``, ``X̃``: ``in×N``, the same tokens):
-    ``argmin ‖W X − W* X̃‖_F = W Kᵀ M⁻¹`` with ``M = X̃ X̃ᵀ`` (damped as in ``damped_cholesky``) and the
-    cross moment ``K = X̃ Xᵀ``.
-
-    The least-squares residual is orthogonal to ``X̃``'s rows, so every ``W'`` has
-    ``‖W X − W' X̃‖² = ‖W X − W* X̃‖² + ‖(W* − W') X̃‖²``: the best rank-``r`` ``W'`` for the dense outputs
-    is ``whitened_svd(W*, M)``'s. With ``X̃ = X`` (no damping) ``W* = W``."""
-    L = damped_cholesky(M, damping)
-    return torch.cholesky_solve(K.double().to(L.device) @ W.detach().double().T, L).T
+    P = torch.linalg.solve_triangular(R.T, vecs, upper=True)
+    return WhitenedSVD(P, sigma, (W.T @ (R @ vecs)) * inv, curvature_weighted=True)

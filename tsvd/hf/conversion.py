@@ -28,7 +28,7 @@ from tsvd.sizes import check_positive_int, check_size
 
 REPORT_JSON, REPORT_TXT = "report.json", "report.txt"
 CALIBRATION_TOKENS, CALIBRATION_SEQ_LEN, CALIBRATION_BATCH = 32768, 512, 4
-SENSITIVITY_TOKENS = 512  # the allocation's gradient pass: as good as 2,048 on SmolLM2 (docs/results.md)
+SENSITIVITY_TOKENS = 2048  # the output-curvature pass; 512 tokens were too few on SmolLM2 (docs/results.md)
 
 
 def report_dict(rows: Sequence[LayerReport], **extra: Any) -> dict:
@@ -170,8 +170,9 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     ``params_ratio`` (the targeted layers' factors hold this fraction of their dense parameters) or
     ``budget`` (that many parameters). ``calibration`` (a text file or a prepared tsvd dataset
     directory; its first ``calibration_tokens`` tokens): activation-aware factors, and with
-    ``params_ratio``/``budget`` ranks allocated by the model's loss (``tsvd.convert.spectralize``; its
-    gradient pass reads the first ``sensitivity_tokens`` calibration tokens, whole windows);
+    ``params_ratio``/``budget`` factors weighted by the loss's output curvature and ranks allocated by
+    the model's loss (``tsvd.convert.spectralize``; its gradient pass reads the first
+    ``sensitivity_tokens`` calibration tokens, whole windows);
     ``sequential`` fits each layer to the inputs of the partly converted model.
     Steps: check the arguments, load, choose the layers, factorize (``spectralize``), save.
     """

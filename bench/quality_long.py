@@ -154,8 +154,9 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
                    core_ratio=1.0, optional=True, lr_from=adaptive))
     # AdaLoRA's schedule on the Fisher budget: decisions only until step 500, then a long final phase at fixed
     # ranks (fewer disruptions late in training, when a pruned direction's loss is hardest to win back)
-    out.append(Arm("budget-fisher-stop500", "budget-fisher-core1 with no decisions from step 500 on",
-                   fisher + ["rank.stop_step=500"], [], core_ratio=1.0, optional=True, lr_from=adaptive))
+    out += [Arm(f"budget-fisher-stop{k}", f"budget-fisher-core1 with no decisions from step {k} on",
+                fisher + [f"rank.stop_step={k}"], [], core_ratio=1.0, optional=True, lr_from=adaptive)
+            for k in (200, 500)]
     # diagnostic: the allocation budget-fisher-stop500 ended with (per projection type, averaged over the layers:
     # about uniform's parameters), fixed from step 0 — is the allocation worth more than the moves that find it?
     types = {"q": 14, "k": 11, "v": 39, "o": 34, "gate": 37, "up": 39, "down": 34}

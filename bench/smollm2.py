@@ -61,7 +61,7 @@ from tsvd.calibration import (InputMoments, collect_output_gradients, leading_wi
                               token_windows)
 from tsvd.convert import (LayerReport, loss_ranks, matches_glob, replace_with_factors, sequential_factors,  # noqa: E402
                           spectralize)
-from tsvd.whitening import whitened_svd  # noqa: E402
+from tsvd.whitening import SHRINKAGE, whitened_svd  # noqa: E402
 from tsvd.hf import (FineTuner, export, finetune, load_hf_model, perplexity, report_dict,  # noqa: E402
                      require_transformers, sample_batch, save_converted)
 
@@ -250,32 +250,40 @@ def convert_timing(dense, tok, eval_tokens, args) -> dict:
     """The conversion's own cost against its calibration forward passes (issue 15's timing target): the
     calibration windows through the dense model without hooks (the forward passes), then the whole
     ``spectralize`` of the MLP projections at ``--headline-ratio`` on the same windows (the gradient
-    pass, statistics, curvature-weighted SVDs, allocation, replacement), timed by phase from its log lines.
-    Own work = conversion − forward passes."""
+    pass, statistics, curvature-weighted SVDs, allocation, replacement), timed by phase from its log lines,
+    then the forward passes again (their time varies by 10-20% between passes on this machine: the
+    ratio uses the mean of the two). Own work = conversion − forward passes."""
     windows, _ = calibration_windows(tok, args)
     stamps: list[tuple[float, str]] = []
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for w in windows:
-            next_token_loss(dense, w)
-    forward_s = time.perf_counter() - t0
+
+    def forward_passes() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for w in windows:
+                next_token_loss(dense, w)
+        return time.perf_counter() - t0
+
+    forward_before = forward_passes()
     model = copy.deepcopy(dense)
     sensitivity = leading_windows(windows, args.sensitivity_tokens)  # as tsvd convert takes them
     t1 = time.perf_counter()
     spectralize(model, TARGETS["mlp"], params_ratio=args.headline_ratio, calibration=windows,
                 sensitivity=sensitivity, log=lambda m: stamps.append((time.perf_counter(), m)))
     convert_s = time.perf_counter() - t1
+    forward_after = forward_passes()
+    forward_s = (forward_before + forward_after) / 2
     phase = lambda prefix: next(t for t, m in stamps if m.startswith(prefix)) - t1  # noqa: E731
     grad_end, pass_end, svd_end = phase("output curvature:"), phase("calibration:"), phase("loss-aware ranks")
     out = {"tokens": sum(w.numel() - w.shape[0] for w in windows), "targets": "mlp", "ratio": args.headline_ratio,
            "sensitivity_tokens": sum(w.numel() - w.shape[0] for w in sensitivity),
-           "forward_s": round(forward_s, 1), "convert_s": round(convert_s, 1), "gradient_pass_s": round(grad_end, 1),
+           "forward_s": round(forward_s, 1), "forward_before_after_s": [round(forward_before, 1), round(forward_after, 1)],
+           "convert_s": round(convert_s, 1), "gradient_pass_s": round(grad_end, 1),
            "calibration_pass_s": round(pass_end - grad_end, 1), "whitened_svds_s": round(svd_end - pass_end, 1),
            "after_allocation_s": round(convert_s - svd_end, 1), "own_s": round(convert_s - forward_s, 1),
            "own_over_forward": round((convert_s - forward_s) / forward_s, 3),
            "load_avg": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}
-    out["test"] = evaluate(model, eval_tokens, args)  # after the timing: the conversion is the study's loss-layer arm
+    out["test"] = evaluate(model, eval_tokens, args)  # after the timing: the conversion is the study's curvature arm
     log(f"conversion timing: {out}")
     return out
 
@@ -301,16 +309,24 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
     save()
     rows = results.setdefault("arms", [])
     names = [n for n in projections(dense) if any(matches_glob(n, TARGETS[t]) for t in args.targets)]
-    whitened, curved, results["whitening"] = {}, {}, {}
+    whitened, by_shrinkage, results["whitening"] = {}, {SHRINKAGE: {}}, {}
     for kind in ("mlp", "attn"):  # timed apart: an MLP-only conversion does the first part only
         part = [n for n in names if matches_glob(n, TARGETS[kind])]
-        for label, out, curvature in (("", whitened, False), ("curvature-", curved, True)):
+        for label, out, curvature in (("", whitened, False), ("curvature-", by_shrinkage[SHRINKAGE], True)):
             t0 = time.perf_counter()
             out |= {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n],
                                     curvature=grads["moments"][n] if curvature else None) for n in part}
             results["whitening"][label + kind] = {"s": round(time.perf_counter() - t0, 1), "layers": len(part),
                                                   "load_avg": os.getloadavg()[0]}
     log(f"whitened SVDs: {results['whitening']}")
+
+    def curved(shrinkage: float) -> dict:
+        """Curvature-weighted SVDs of the targeted layers at this shrinkage (computed once)."""
+        if shrinkage not in by_shrinkage:
+            by_shrinkage[shrinkage] = {n: whitened_svd(dense.get_submodule(n).weight, state["moments"][n],
+                                                       curvature=grads["moments"][n], shrinkage=shrinkage)
+                                       for n in names}
+        return by_shrinkage[shrinkage]
 
     def run_arm(targets: str, ratio: float, arm: str) -> None:
         if (targets, ratio, arm) in {(r["targets"], r["ratio"], r["arm"]) for r in rows}:
@@ -327,8 +343,8 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
 
     main_arms, h = ("plain", "whitened-uniform", "loss-layer", "curvature"), args.headline_ratio
     later_arms = ("loss-direction",) + (("loss-layer-seq", "curvature-seq") if args.sequential else ())
-    # order: the headline's arms, its fine-tune, the other targets, other ratios
-    for arm in main_arms + later_arms:
+    # order: the headline's arms (and the shrinkage sweep), its fine-tune, the other targets, other ratios
+    for arm in main_arms + later_arms + tuple(f"curvature-a{a:g}" for a in args.shrinkages):
         run_arm("mlp", h, arm)
     if "headline" not in results and args.steps > 0:
         # the MLP arm with the lowest validation loss (howto, not the test text) is fine-tuned
@@ -345,11 +361,12 @@ def calibrated_study(dense, tok, eval_tokens, train_tokens, args, results: dict,
                     run_arm(targets, ratio, arm)
 
 
-def build_arm(dense, whitened: dict, curved: dict, grad_moments: dict, targets: str, ratio: float, arm: str,
+def build_arm(dense, whitened: dict, curved, grad_moments: dict, targets: str, ratio: float, arm: str,
               windows=()):
     """``(model, report)``: a copy of ``dense`` with the ``targets`` projections at ``ratio`` of their
     parameters by ``arm``: plain SVD, whitened at uniform ranks, whitened with loss-aware ranks, or the
-    curvature-weighted SVDs (``curved``) at the ranks of their estimated loss (``curvature``);
+    curvature-weighted SVDs (``curved(shrinkage)``) at the ranks of their estimated loss (``curvature``:
+    the library's shrinkage; ``curvature-a<α>``: shrinkage α);
     ``<arm>-seq``: the ranks of ``<arm>``, factors calibrated sequentially on ``windows``
     (``tsvd.convert.sequential_factors``, curvature-weighted for ``curvature``)."""
     if arm.endswith("-seq"):
@@ -367,8 +384,8 @@ def build_arm(dense, whitened: dict, curved: dict, grad_moments: dict, targets: 
     costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
     ranks = uniform_ranks(shapes, ratio)  # whitened-uniform's; the others spend the same budget
     budget = budget_spent(ranks, costs)
-    if arm == "curvature":
-        ws = {n: curved[n] for n in chosen}
+    if arm.startswith("curvature"):
+        ws = {n: curved(float(arm.removeprefix("curvature-a")) if "-a" in arm else SHRINKAGE)[n] for n in chosen}
         ranks = loss_ranks(ws, costs, budget)
     else:
         ws = {n: whitened[n] for n in chosen}
@@ -439,6 +456,9 @@ def main() -> None:
                    "loss-layer-seq, curvature-seq")
     p.add_argument("--sequential-batches", type=int, default=0,
                    help="calibration batches for the sequential passes (0: all)")
+    p.add_argument("--shrinkages", type=float, nargs="*", default=[], metavar="A",
+                   help="also curvature-weighted arms at these shrinkages of the output curvature (MLP at the "
+                   "headline ratio only; the library's is tsvd.whitening.SHRINKAGE)")
     p.add_argument("--headline-ratio", type=float, default=0.8)
     p.add_argument("--finetune-text", default="reference", help="docs subfolder for the headline fine-tune")
     p.add_argument("--resume", action="store_true", help="keep the arms already in --out")

@@ -9,7 +9,6 @@ output curvature) with ranks allocated across layers by that loss (``tsvd.alloca
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import time
 from dataclasses import dataclass
@@ -204,6 +203,7 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
                     shrinkage: float = SHRINKAGE) -> dict[str, WhitenedSVD]:
     """One pass over the calibration batches, then each layer's whitened SVD (``tsvd.whitening``;
     curvature-weighted where ``curvatures`` gives the layer's output-gradient moment)."""
+    curvature = curvatures or {}
     t0 = time.perf_counter()
     moments, base = collect_moments(model, layers, calibration, loss_fn, log)
     if log is not None:
@@ -212,8 +212,7 @@ def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration:
     out: dict[str, WhitenedSVD] = {}
     for k, (name, layer) in enumerate(layers.items()):
         t1 = time.perf_counter()
-        out[name] = whitened_svd(layer.weight, moments.moment(name), damping,
-                                 None if curvatures is None else curvatures[name], shrinkage)
+        out[name] = whitened_svd(layer.weight, moments.moment(name), damping, curvature.get(name), shrinkage)
         if log is not None:
             log(f"  whitened SVD {k + 1}/{len(layers)} {name} ({moments.rows(name):,} input rows, "
                 f"{time.perf_counter() - t1:.1f} s)")
@@ -253,8 +252,8 @@ def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibrati
             log(f"sequential stage {k + 1}/{len(stages)} ({', '.join(stage)}): {time.perf_counter() - t0:.1f} s")
 
     def own_targets(moments: InputMoments, part: dict[str, nn.Linear]) -> dict[str, WhitenedSVD]:
-        return {n: whitened_svd(lin.weight, moments.moment(n), damping,
-                                None if curvatures is None else curvatures[n], shrinkage) for n, lin in part.items()}
+        return {n: whitened_svd(lin.weight, moments.moment(n), damping, (curvatures or {}).get(n), shrinkage)
+                for n, lin in part.items()}
 
     if blocks is None:
         for k, stage in enumerate(stages):

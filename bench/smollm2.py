@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 from tsvd.config import TrainConfig  # noqa: E402
 from tsvd.allocation import budget_spent, loss_aware_allocation, rank_cost, uniform_ranks  # noqa: E402
-from tsvd.calibration import (InputMoments, collect_output_gradients, leading_windows, next_token_loss,  # noqa: E402
+from tsvd.calibration import (InputMoments, collect_output_gradients, lead_batches, next_token_loss,  # noqa: E402
                               token_windows)
 from tsvd.convert import (LayerReport, loss_ranks, matches_glob, replace_with_factors, sequential_factors,  # noqa: E402
                           spectralize)
@@ -252,7 +252,9 @@ def convert_timing(dense, tok, eval_tokens, args) -> dict:
     ``spectralize`` of the MLP projections at ``--headline-ratio`` on the same windows (the gradient
     pass, statistics, curvature-weighted SVDs, allocation, replacement), timed by phase from its log lines,
     then the forward passes again (their time varies by 10-20% between passes on this machine: the
-    ratio uses the mean of the two). Own work = conversion − forward passes."""
+    ratio uses the mean of the two). Own work = conversion − forward passes; the conversion's passes
+    after the gradient pass end at the last MLP projection (no final norm, head or loss), which is part
+    of what it saves."""
     windows, _ = calibration_windows(tok, args)
     stamps: list[tuple[float, str]] = []
     load0 = os.getloadavg()[0]
@@ -266,20 +268,22 @@ def convert_timing(dense, tok, eval_tokens, args) -> dict:
 
     forward_before = forward_passes()
     model = copy.deepcopy(dense)
-    sensitivity = leading_windows(windows, args.sensitivity_tokens)  # as tsvd convert takes them
+    batches, gradient_batches = lead_batches(windows, args.sensitivity_tokens)  # as tsvd convert takes them
     t1 = time.perf_counter()
-    spectralize(model, TARGETS["mlp"], params_ratio=args.headline_ratio, calibration=windows,
-                sensitivity=sensitivity, log=lambda m: stamps.append((time.perf_counter(), m)))
+    spectralize(model, TARGETS["mlp"], params_ratio=args.headline_ratio, calibration=batches,
+                gradient_batches=gradient_batches, log=lambda m: stamps.append((time.perf_counter(), m)))
     convert_s = time.perf_counter() - t1
     forward_after = forward_passes()
     forward_s = (forward_before + forward_after) / 2
     phase = lambda prefix: next(t for t, m in stamps if m.startswith(prefix)) - t1  # noqa: E731
     grad_end, pass_end, svd_end = phase("output curvature:"), phase("calibration:"), phase("loss-aware ranks")
+    hooks_s = float(next(m for _, m in reversed(stamps) if "in the statistics" in m).rpartition("(")[2].split()[0])
     out = {"tokens": sum(w.numel() - w.shape[0] for w in windows), "targets": "mlp", "ratio": args.headline_ratio,
-           "sensitivity_tokens": sum(w.numel() - w.shape[0] for w in sensitivity),
+           "sensitivity_tokens": sum(w.numel() - w.shape[0] for w in batches[:gradient_batches]),
            "forward_s": round(forward_s, 1), "forward_before_after_s": [round(forward_before, 1), round(forward_after, 1)],
            "convert_s": round(convert_s, 1), "gradient_pass_s": round(grad_end, 1),
-           "calibration_pass_s": round(pass_end - grad_end, 1), "whitened_svds_s": round(svd_end - pass_end, 1),
+           "calibration_pass_s": round(pass_end - grad_end, 1), "statistics_hooks_s": round(hooks_s, 1),
+           "whitened_svds_s": round(svd_end - pass_end, 1),
            "after_allocation_s": round(convert_s - svd_end, 1), "own_s": round(convert_s - forward_s, 1),
            "own_over_forward": round((convert_s - forward_s) / forward_s, 3),
            "load_avg": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}

@@ -90,8 +90,8 @@ def test_sequential_calibration_by_replay_matches_its_definition():
     report = spectralize(model, ["layers.*"], rank=2, calibration=xs, loss_fn=loss_fn, sequential=True)
     assert [r.name for r in report] == names
     assert model.passes == 1 + len(xs)  # forward_stages, then block_inputs: no pass per stage
-    final, _ = collect_moments(model, {n: model.get_submodule(n) for n in names}, xs, loss_fn)
-    first, _ = collect_moments(dense, {n: dense.get_submodule(n) for n in names}, xs, loss_fn)
+    final = collect_moments(model, {n: model.get_submodule(n) for n in names}, xs, loss_fn)
+    first = collect_moments(dense, {n: dense.get_submodule(n) for n in names}, xs, loss_fn)
     for n in names:
         expected = whitened_svd(dense.get_submodule(n).weight, final.moment(n)).weight(2).float()
         torch.testing.assert_close(model.get_submodule(n).to_linear().weight, expected, rtol=1e-4, atol=1e-5)
@@ -116,7 +116,7 @@ def test_sequential_factors_with_curvatures_are_the_curvature_weighted_optimum()
     model = copy.deepcopy(dense)
     sequential_factors(model, {n: model.get_submodule(n) for n in names}, xs, {n: 2 for n in names}, loss_fn,
                        curvatures=curv)
-    final, _ = collect_moments(model, {n: model.get_submodule(n) for n in names}, xs, loss_fn)
+    final = collect_moments(model, {n: model.get_submodule(n) for n in names}, xs, loss_fn)
     for n in names:
         W = dense.get_submodule(n).weight
         expected = whitened_svd(W, final.moment(n), curvature=curv[n]).weight(2).float()

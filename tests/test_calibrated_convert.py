@@ -59,8 +59,8 @@ def test_calibrated_convert_cli_end_to_end(llama_with_tokenizer, tmp_path, capsy
     out = tmp_path / "out"
     graded, collect = [], tsvd.convert.collect_output_gradients
     monkeypatch.setattr(tsvd.convert, "collect_output_gradients",
-                        lambda model, layers, batches, *a: graded.extend(b.shape for b in batches) or
-                        collect(model, layers, batches, *a))
+                        lambda model, layers, batches, *a, **k: graded.extend(b.shape for b in batches) or
+                        collect(model, layers, batches, *a, **k))
     rc = main(["convert", str(llama_with_tokenizer), str(out), "--targets", "*.mlp.*", "--params-ratio", "0.5",
                "--calibration", str(text), "--calibration-tokens", "1024", "--sensitivity-tokens", "512"] +
               ["--sequential"] * sequential)
@@ -200,8 +200,8 @@ def test_sequential_calibration_fits_each_layer_to_the_inputs_of_the_truncated_m
         return model
 
     seq, oneshot = convert(True), convert(False)
-    final, _ = collect_moments(seq, {n: seq.get_submodule(n) for n in names}, xs, loss_fn)
-    first, _ = collect_moments(dense, {n: dense.get_submodule(n) for n in names}, xs, loss_fn)
+    final = collect_moments(seq, {n: seq.get_submodule(n) for n in names}, xs, loss_fn)
+    first = collect_moments(dense, {n: dense.get_submodule(n) for n in names}, xs, loss_fn)
     for n in names:
         expected = whitened_svd(dense.get_submodule(n).weight, final.moment(n)).weight(3).float()
         torch.testing.assert_close(seq.get_submodule(n).to_linear().weight, expected, rtol=1e-4, atol=1e-5)

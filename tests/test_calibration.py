@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tsvd import UserError
-from tsvd.calibration import InputMoments, collect_moments, next_token_loss, token_windows
+from tsvd.calibration import InputMoments, collect_moments, lead_batches, next_token_loss, token_windows
 
 
 class Mlp(nn.Module):
@@ -47,17 +47,64 @@ def test_moments_are_the_input_second_moments_and_shared_inputs_count_once():
     assert not model.gate._forward_pre_hooks  # hooks removed on exit
 
 
-def test_collect_moments_returns_the_mean_loss():
-    model = Mlp()
-    xs = [torch.randn(2, 8), torch.randn(4, 8)]
+class Headed(nn.Module):
+    """``Mlp`` followed by a head that counts its calls (what a stopped pass must not run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp, self.head, self.head_calls = Mlp(), nn.Linear(8, 3), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.head_calls += 1
+        return self.head(self.mlp(x))
+
+
+def test_moment_passes_stop_at_the_last_layer_after_one_whole_pass_and_equal_whole_passes():
+    model = Headed()
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 8, generator=g) for _ in range(3)] + [torch.randn(4, 8, generator=g)]
     loss_fn = lambda m, x: m(x).square().mean()  # noqa: E731
-    moments, loss = collect_moments(model, {"down": model.down}, xs, loss_fn)
-    with torch.no_grad():
-        expected = (2 * float(loss_fn(model, xs[0])) + 4 * float(loss_fn(model, xs[1]))) / 6
-    assert loss == pytest.approx(expected, rel=1e-6)
-    assert moments.rows("down") == 6 and moments.rows("gate") == 0
+    layers = {n: model.mlp.get_submodule(n) for n in ("gate", "up", "down")}
+    moments = collect_moments(model, layers, xs, loss_fn)
+    assert model.head_calls == 4 and moments.final_layer() == "down"
+    head_runs = []
+    model.head.register_forward_pre_hook(lambda m, a: head_runs.append(1))
+    model.head_calls = 0
+    stopped = collect_moments(model, layers, xs, loss_fn)
+    assert len(head_runs) == 1 and model.head_calls == 4  # the head ran in the first pass only
+    for n in layers:
+        torch.testing.assert_close(stopped.moment(n), moments.moment(n), rtol=0, atol=0)
+    assert stopped.rows("down") == 10 and stopped.rows("up") == 10
     with pytest.raises(UserError, match="saw no input"):
-        moments.moment("gate")
+        collect_moments(model, {"gate": model.mlp.gate, "head": model.head}, [], loss_fn).moment("head")
+
+
+def test_final_layer_needs_every_layer_fed_once():
+    model = Mlp()
+    with torch.no_grad(), InputMoments({"gate": model.gate, "down": model.down}) as m:
+        assert m.final_layer() is None  # no batch yet
+        model(torch.randn(2, 8))
+        m.end_batch()
+        assert m.order == ["gate", "down"] and m.final_layer() == "down"
+    extra = nn.Linear(8, 8)  # never fed
+    with torch.no_grad(), InputMoments({"gate": model.gate, "extra": extra}) as m:
+        model(torch.randn(2, 8))
+        m.end_batch()
+        assert m.final_layer() is None
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    twice = Twice()
+    with torch.no_grad(), InputMoments({"a": twice.a, "b": twice.b}) as m:
+        twice(torch.randn(2, 8))
+        m.end_batch()
+        assert m.order == ["a", "b", "a"] and m.final_layer() is None  # a is fed twice: no early end
 
 
 def test_token_windows():
@@ -68,6 +115,17 @@ def test_token_windows():
     assert sum(b.shape[0] for b in token_windows(tokens, 8, 10_000, 4)) == 6  # capped by the text
     with pytest.raises(UserError, match="calibration text is too short: 5 tokens"):
         token_windows(torch.arange(5), 8, 100, 2)
+
+
+def test_lead_batches_put_the_leading_windows_in_batches_of_their_own():
+    batches = token_windows(torch.arange(100), seq_len=8, n_tokens=80, batch_size=4)  # 10 windows: 4, 4, 2
+    again, k = lead_batches(batches, 20)  # 3 windows predict 24 ≥ 20 tokens
+    assert k == 1 and [b.shape[0] for b in again] == [3, 4, 3]
+    torch.testing.assert_close(torch.cat(again), torch.cat(batches), rtol=0, atol=0)  # same windows, same order
+    again, k = lead_batches(batches, 40)  # 5 windows
+    assert k == 2 and [b.shape[0] for b in again] == [4, 1, 4, 1]
+    again, k = lead_batches(batches, 10_000)  # capped by the windows there are
+    assert k == 3 and [b.shape[0] for b in again] == [4, 4, 2]
 
 
 def test_next_token_loss_reads_logits_from_any_output_shape():
@@ -146,6 +204,6 @@ def test_stage_moments_stop_the_pass_at_the_stage_and_equal_the_full_pass():
     moments = stage_moments(model, stage, xs, loss_fn)
     h.remove()
     assert later == []  # nothing after the stage ran
-    full, _ = collect_moments(model, stage, xs, loss_fn)
+    full = collect_moments(model, stage, xs, loss_fn)
     torch.testing.assert_close(moments.moment("a.up"), full.moment("a.up"), rtol=0, atol=0)
     assert moments.rows("a.gate") == 8 and not model.a.up._forward_pre_hooks

@@ -266,7 +266,7 @@ def test_loss_aware_conversion_is_the_curvature_weighted_optimum_at_global_ranks
         h.remove()
     model.zero_grad(set_to_none=True)
 
-    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, sensitivity=windows[:2])
+    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, gradient_batches=2)
     svds = {n: whitened_svd(weights[n], C[n], curvature=G[n]) for n in names}
     shapes = {n: tuple(weights[n].shape) for n in names}
     costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}
@@ -284,7 +284,7 @@ def test_calibrated_layers_are_ordinary_spectral_layers():
     model, windows = tiny_lm(), lm_windows()
     shapes = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n}
     dense = sum(o * i for o, i in shapes.values())
-    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, sensitivity=windows[:2])
+    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, gradient_batches=2)
     spent = sum(r.spectral_params for r in report)
     assert spent <= dense // 2 and dense // 2 - spent < max(o + i + 1 for o, i in shapes.values())
     for r in report:
@@ -325,6 +325,10 @@ def test_calibrated_layers_are_ordinary_spectral_layers():
         (dict(params_ratio=0.5, allocation="loss"), "allocation='loss' needs calibration="),
         (dict(params_ratio=0.5, allocation="energy"), "allocation must be 'loss' or 'uniform'"),
         (dict(params_ratio=0.5, shrinkage=1.5), r"shrinkage must be in \[0, 1\]"),
+        (dict(params_ratio=0.5, calibration=[torch.zeros(1, 3, dtype=torch.long)], gradient_batches=2),
+         r"gradient_batches must be in \[1, 1\]"),
+        (dict(params_ratio=0.5, calibration=[torch.zeros(1, 3, dtype=torch.long)], gradient_batches=0),
+         r"gradient_batches must be in \[1, 1\]"),
     ],
 )
 def test_bad_calibrated_arguments_raise_user_error(kwargs, message):

@@ -57,12 +57,16 @@ def token_windows(tokens: Tensor, seq_len: int, n_tokens: int, batch_size: int) 
     return list(windows.split(batch_size))
 
 
-def leading_windows(batches: Sequence[Tensor], n_tokens: int) -> list[Tensor]:
-    """The first windows of ``batches`` (``token_windows``' output) predicting at least ``n_tokens`` tokens,
-    whole windows, as one batch."""
-    seq_len = batches[0].shape[1] - 1
-    n = -(-n_tokens // seq_len)
-    return [torch.cat(list(batches[:n]))[:n]]
+def lead_batches(batches: Sequence[Tensor], n_tokens: int) -> tuple[list[Tensor], int]:
+    """``(batches', k)``: the windows of ``batches`` (``token_windows``' output) batched again, at the same
+    batch size, so that the first ``k`` batches hold exactly the leading windows predicting at least
+    ``n_tokens`` tokens (whole windows) and the rest hold the others."""
+    windows = torch.cat(list(batches))
+    size, seq_len = batches[0].shape[0], windows.shape[1] - 1
+    n = min(windows.shape[0], -(-n_tokens // seq_len))
+    lead = list(windows[:n].split(size))
+    rest = list(windows[n:].split(size)) if n < windows.shape[0] else []
+    return lead + rest, len(lead)
 
 
 def upper_gram(rows: Tensor) -> Tensor:
@@ -96,6 +100,8 @@ class InputMoments:
         self._rows: dict[str, int] = {}
         self._owner: dict[str, str] = {}  # layer name -> key of its statistic
         self._last: tuple[Tensor, str] | None = None
+        self._fed: list[str] = []  # the layers fed in the current batch, in order
+        self.order: list[str] = []  # ... in the last batch ended by ``end_batch``
         self._handles: list = []
         self.seconds = 0.0  # spent in the hooks: the statistics' own cost within the forward passes
 
@@ -115,6 +121,7 @@ class InputMoments:
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]  # the object itself: layers fed the same tensor receive the same object
+            self._fed.append(name)
             shared = self._last is not None and self._last[0] is x
             key = self._owner.setdefault(name, self._last[1] if shared else name)
             if shared and key == self._last[1]:
@@ -136,6 +143,14 @@ class InputMoments:
     def end_batch(self) -> None:
         """Forget the last input (call after each forward pass, so it can be freed)."""
         self._last = None
+        self.order, self._fed = self._fed, []
+
+    def final_layer(self) -> str | None:
+        """The layer fed last in the last batch, if that batch fed every layer exactly once: a later pass
+        over a batch of the same kind has nothing left to measure once that layer has its input."""
+        if sorted(self.order) != sorted(self.layers):
+            return None
+        return self.order[-1]
 
     def moment(self, name: str) -> Tensor:
         if name not in self._owner:
@@ -207,33 +222,48 @@ class OutputGradientMoments:
 
 
 def collect_output_gradients(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Tensor],
-                             loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss) -> OutputGradientMoments:
+                             loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                             after_batch: Callable[[], None] | None = None) -> OutputGradientMoments:
     """Forward ``loss_fn(model, batch)`` over the batches and backward to the layers' outputs only
-    (``OutputGradientMoments.add``: no parameter gradients; the weights are not changed)."""
+    (``OutputGradientMoments.add``: no parameter gradients; the weights are not changed); ``after_batch``
+    is called after each (other hooks, e.g. an ``InputMoments``, may share the forward passes)."""
     with OutputGradientMoments(layers) as moments, torch.enable_grad():
         for batch in batches:
             moments.add(loss_fn(model, batch))
+            if after_batch is not None:
+                after_batch()
     return moments
 
 
 @torch.no_grad()
+def moment_passes(model: nn.Module, moments: InputMoments, batches: Sequence[Tensor],
+                  loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                  log: Callable[[str], None] | None = None) -> None:
+    """Run ``loss_fn(model, batch)`` over the batches for ``moments`` (entered). Once a whole pass has shown
+    which target layer is fed last (``InputMoments.final_layer``) every pass ends when it reaches that
+    layer: the rest of the model — a causal LM's final norm, output head and loss — adds nothing to the
+    statistics. ``log`` receives a progress line per batch."""
+    t0 = time.perf_counter()
+    for k, batch in enumerate(batches):
+        last = moments.final_layer()
+        handle = None if last is None else moments.layers[last].register_forward_pre_hook(stop_forward)
+        try:
+            stopped_passes(model, [batch], loss_fn, moments.end_batch)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if log is not None:
+            log(f"  calibration batch {k + 1}/{len(batches)}: {time.perf_counter() - t0:.1f} s "
+                f"({moments.seconds:.1f} s in the statistics)")
+
+
 def collect_moments(model: nn.Module, layers: dict[str, nn.Linear], batches: Sequence[Tensor],
                     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
-                    log: Callable[[str], None] | None = None) -> tuple[InputMoments, float]:
-    """Run ``loss_fn(model, batch)`` over the calibration batches with the moment hooks on; returns the
-    statistics and the mean calibration loss (of the unchanged model, weighted by batch size). ``log``
-    receives a progress line per batch."""
-    total, count = 0.0, 0
-    t0 = time.perf_counter()
+                    log: Callable[[str], None] | None = None) -> InputMoments:
+    """The layers' input moments over the calibration batches (``moment_passes``)."""
     with InputMoments(layers) as moments:
-        for k, batch in enumerate(batches):
-            total += float(loss_fn(model, batch)) * batch.shape[0]
-            count += batch.shape[0]
-            moments.end_batch()
-            if log is not None:
-                log(f"  calibration batch {k + 1}/{len(batches)}: {time.perf_counter() - t0:.1f} s "
-                    f"({moments.seconds:.1f} s in the statistics)")
-    return moments, total / max(count, 1)
+        moment_passes(model, moments, batches, loss_fn, log)
+    return moments
 
 
 def forward_stages(model: nn.Module, layers: dict[str, nn.Linear], batch: Tensor,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tsvd.allocation import budget_spent, greedy_ranks, rank_cost, ratio_budget, uniform_ranks
 from tsvd.block_replay import block_index, block_inputs, find_blocks, run_block
-from tsvd.calibration import (InputMoments, collect_moments, collect_output_gradients, forward_stages,
+from tsvd.calibration import (InputMoments, collect_output_gradients, forward_stages, moment_passes,
                               next_token_loss, stage_moments)
 from tsvd.errors import UserError
 from tsvd.sizes import check_size
@@ -83,7 +83,7 @@ def spectralize(
     budget: int | None = None,
     calibration: Sequence[Tensor] | None = None,
     allocation: str | None = None,
-    sensitivity: Sequence[Tensor] | None = None,
+    gradient_batches: int = 1,
     sequential: bool = False,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
     damping: float = DAMPING,
@@ -102,8 +102,8 @@ def spectralize(
     ``calibration`` — batches passed as ``loss_fn(model, batch)`` (default: token windows ``(B, T+1)``
     of a causal LM, ``tsvd.calibration.next_token_loss``) — by the activation-aware SVD optimal on the
     calibration inputs. ``allocation="loss"`` (the default there) weighs each layer's output errors by
-    the curvature of the model's loss too (``output_curvatures``: a backward pass over the batches
-    ``sensitivity``, default the first calibration batch; shrunk by ``shrinkage``, ``tsvd.whitening``)
+    the curvature of the model's loss too (a backward pass over the first ``gradient_batches`` calibration
+    batches, ``calibration_statistics``; shrunk by ``shrinkage``, ``tsvd.whitening``)
     and spends the budget on the directions of every layer with the largest estimated loss per
     parameter; ``allocation="uniform"`` keeps the same fraction per layer, input whitening only.
     ``sequential=True`` (with ``calibration``) then factors the layers stage by stage in forward order,
@@ -135,6 +135,9 @@ def spectralize(
         raise UserError("spectralize: calibration has no batches")
     if not 0.0 <= shrinkage <= 1.0:
         raise UserError(f"spectralize: shrinkage must be in [0, 1], got {shrinkage}")
+    if allocation == "loss" and not 1 <= gradient_batches <= len(calibration):
+        raise UserError(f"spectralize: gradient_batches must be in [1, {len(calibration)}] (the calibration "
+                        f"batches), got {gradient_batches}")
 
     chosen = [(n, m) for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and matches_glob(n, targets) and not matches_glob(n, exclude)]
@@ -163,11 +166,9 @@ def spectralize(
             ranks = {n: min(rank, *shapes[n]) for n in layers}
         if sequential and allocation == "uniform":  # the ranks need no pass over the unconverted model
             return sequential_factors(model, layers, calibration, ranks, loss_fn, damping, log)
-        curvatures = None
-        if allocation == "loss":
-            grad_batches = calibration[:1] if sensitivity is None else sensitivity
-            curvatures = output_curvatures(model, layers, grad_batches, loss_fn, log)
-        whitened = calibrated_svds(model, layers, calibration, loss_fn, damping, log, curvatures, shrinkage)
+        moments, curvatures = calibration_statistics(model, layers, calibration, loss_fn,
+                                                     gradient_batches if allocation == "loss" else 0, log)
+        whitened = calibrated_svds(layers, moments, curvatures, damping, shrinkage, log)
         if allocation == "loss":
             ranks = loss_ranks(whitened, {n: rank_cost(m.in_features, m.out_features) for n, m in layers.items()},
                                budget, log)
@@ -196,19 +197,37 @@ def spectralize(
     return report
 
 
-@torch.no_grad()
-def calibrated_svds(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
-                    loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss, damping: float = DAMPING,
-                    log: Callable[[str], None] | None = None, curvatures: dict[str, Tensor] | None = None,
-                    shrinkage: float = SHRINKAGE) -> dict[str, WhitenedSVD]:
-    """One pass over the calibration batches, then each layer's whitened SVD (``tsvd.whitening``;
-    curvature-weighted where ``curvatures`` gives the layer's output-gradient moment)."""
-    curvature = curvatures or {}
+def calibration_statistics(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
+                           loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
+                           gradient_batches: int = 0, log: Callable[[str], None] | None = None
+                           ) -> tuple[InputMoments, dict[str, Tensor] | None]:
+    """``(input moments, output-gradient moments or None)`` of the layers from one pass over the
+    calibration batches. The first ``gradient_batches`` also go backward to the layers' outputs
+    (``tsvd.calibration.collect_output_gradients``: each layer's ``G = Σ g gᵀ``, ``out×out``, float64),
+    their forward passes feeding the input moments too; the rest run without gradients, each ended at
+    the last target layer (``tsvd.calibration.moment_passes``)."""
     t0 = time.perf_counter()
-    moments, base = collect_moments(model, layers, calibration, loss_fn, log)
+    curvatures = None
+    with InputMoments(layers) as moments:
+        if gradient_batches > 0:
+            grads = collect_output_gradients(model, layers, calibration[:gradient_batches], loss_fn,
+                                             after_batch=moments.end_batch)
+            curvatures = {n: grads.moment(n) for n in layers}
+            if log is not None:
+                log(f"output curvature: {gradient_batches} backward passes, {time.perf_counter() - t0:.1f} s")
+        moment_passes(model, moments, calibration[gradient_batches:], loss_fn, log)
     if log is not None:
-        log(f"calibration: {len(calibration)} batches through the model in {time.perf_counter() - t0:.1f} s, "
-            f"loss {base:.4f}")
+        log(f"calibration: {len(calibration)} batches through the model in {time.perf_counter() - t0:.1f} s")
+    return moments, curvatures
+
+
+@torch.no_grad()
+def calibrated_svds(layers: dict[str, nn.Linear], moments: InputMoments, curvatures: dict[str, Tensor] | None = None,
+                    damping: float = DAMPING, shrinkage: float = SHRINKAGE,
+                    log: Callable[[str], None] | None = None) -> dict[str, WhitenedSVD]:
+    """Each layer's whitened SVD (``tsvd.whitening``) from its input moment; curvature-weighted where
+    ``curvatures`` gives the layer's output-gradient moment."""
+    curvature = curvatures or {}
     out: dict[str, WhitenedSVD] = {}
     for k, (name, layer) in enumerate(layers.items()):
         t1 = time.perf_counter()
@@ -277,18 +296,6 @@ def block_moments(block: nn.Module, inputs: list, part: dict[str, nn.Linear]) ->
     with InputMoments(part) as moments:
         run_block(block, inputs, stop_at=list(part.values())[-1], after_batch=moments.end_batch)
     return moments
-
-
-def output_curvatures(model: nn.Module, layers: dict[str, nn.Linear], batches: Sequence[Tensor],
-                      loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
-                      log: Callable[[str], None] | None = None) -> dict[str, Tensor]:
-    """Each layer's output-gradient moment ``G = Σ g gᵀ`` (``out×out``, float64) from one forward and
-    backward pass over ``batches`` (``tsvd.calibration.collect_output_gradients``)."""
-    t0 = time.perf_counter()
-    grads = collect_output_gradients(model, layers, batches, loss_fn)
-    if log is not None:
-        log(f"output curvature: {len(batches)} backward passes, {time.perf_counter() - t0:.1f} s")
-    return {n: grads.moment(n) for n in layers}
 
 
 def loss_ranks(whitened: dict[str, WhitenedSVD], costs: dict[str, int], budget: int,

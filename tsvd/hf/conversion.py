@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from tsvd.calibration import leading_windows, token_windows
+from tsvd.calibration import lead_batches, token_windows
 from tsvd.convert import LayerReport, format_report, matches_glob, spectralize
 from tsvd.data import load_data, read_meta
 from tsvd.errors import UserError
@@ -193,13 +193,13 @@ def convert_hf(src: str | Path, out_dir: str | Path, *, energy: float | None = N
     t_load = time.perf_counter() - t0
     targets, exclude = choose_targets(model, targets, exclude)
     windows = None if calibration is None else calibration_windows(calibration, tokenizer, calibration_tokens)
-    sensitivity = None
+    gradient_batches = 1
     if windows is not None:
-        sensitivity = leading_windows(windows, sensitivity_tokens)
+        windows, gradient_batches = lead_batches(windows, sensitivity_tokens)
         if log is not None:
             log(f"calibration: {sum(w.shape[0] for w in windows) * CALIBRATION_SEQ_LEN:,} tokens of {calibration}")
     report = spectralize(model, targets, rank=rank, energy=energy, exclude=exclude, params_ratio=params_ratio,
-                         budget=budget, calibration=windows, sensitivity=sensitivity, sequential=sequential, log=log)
+                         budget=budget, calibration=windows, gradient_batches=gradient_batches, sequential=sequential, log=log)
     conversion = {"targets": targets, "exclude": exclude, "energy": energy, "rank": rank,
                   "params_ratio": params_ratio, "budget": budget,
                   "calibration": None if calibration is None else str(calibration),

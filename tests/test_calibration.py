@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tsvd import UserError
-from tsvd.calibration import InputMoments, collect_moments, lead_batches, next_token_loss, token_windows
+from tsvd.calibration import (InputMoments, collect_moments, lead_batches, moment_passes, next_token_loss,
+                              token_windows)
 
 
 class Mlp(nn.Module):
@@ -77,6 +78,29 @@ def test_moment_passes_stop_at_the_last_layer_after_one_whole_pass_and_equal_who
     assert stopped.rows("down") == 10 and stopped.rows("up") == 10
     with pytest.raises(UserError, match="saw no input"):
         collect_moments(model, {"gate": model.mlp.gate, "head": model.head}, [], loss_fn).moment("head")
+
+
+def test_projected_moments_are_the_outputs_second_moment_and_the_inputs_trace():
+    """A projected layer keeps ``W C Wᵀ`` (its outputs without bias) and ``tr C``; the others are unchanged;
+    a pass stopped after a projected final layer still measures it."""
+    from tsvd.whitening import ProjectedMoment
+    model = Headed()
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3, 5, 8, generator=g) for _ in range(3)]
+    loss_fn = lambda m, x: m(x).square().mean()  # noqa: E731
+    layers = {n: model.mlp.get_submodule(n) for n in ("gate", "up", "down")}
+    full = collect_moments(model, layers, xs, loss_fn)
+    with InputMoments(layers, projected=["down"]) as m:
+        moment_passes(model, m, xs, loss_fn)
+    assert model.head_calls == 6 and m.final_layer() == "down"
+    p = m.moment("down")
+    assert isinstance(p, ProjectedMoment) and p.in_features == 12 and m.rows("down") == 45
+    W = model.mlp.down.weight.detach().double()
+    C = full.moment("down")
+    torch.testing.assert_close(p.gram, W @ C @ W.T, rtol=1e-5, atol=1e-5)  # fp32 products, see the module doc
+    assert p.trace == pytest.approx(float(C.trace()), rel=1e-6)
+    torch.testing.assert_close(m.moment("gate"), full.moment("gate"), rtol=1e-6, atol=1e-6)
+    assert m.moment("up") is m.moment("gate")
 
 
 def test_final_layer_needs_every_layer_fed_once():

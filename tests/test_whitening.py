@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsvd.whitening import damped_cholesky, shrunk, whitened_svd
+from tsvd.whitening import ProjectedMoment, damped_cholesky, shrunk, whitened_svd
 
 
 def problem(out_f: int = 10, in_f: int = 14, n: int = 200, seed: int = 0):
@@ -179,3 +179,21 @@ def test_bad_curvature_is_refused():
         whitened_svd(W, X @ X.T, curvature=torch.eye(W.shape[1], dtype=torch.float64))
     with pytest.raises(ValueError, match="shrinkage must be in"):
         shrunk(torch.eye(3), 1.5)
+
+
+@pytest.mark.parametrize("with_curvature", [False, True])
+def test_a_wide_layers_projected_moment_gives_the_same_svd(with_curvature):
+    """``W C Wᵀ`` and ``tr C`` are all a wide layer's whitened SVD reads of ``C`` (damping included)."""
+    W, X = problem(out_f=6, in_f=14)
+    C = X @ X.T
+    G = curvature(6, seed=3) if with_curvature else None
+    full = whitened_svd(W, C, curvature=G)
+    proj = whitened_svd(W, ProjectedMoment((W @ X) @ (W @ X).T, float(C.trace()), 14), curvature=G)
+    torch.testing.assert_close(proj.sigma, full.sigma, rtol=1e-9, atol=1e-12 * float(full.sigma[0]))
+    for r in (1, 3, 6):
+        torch.testing.assert_close(proj.weight(r), full.weight(r), rtol=1e-9, atol=1e-9)
+    Wt, Xt = problem(out_f=14, in_f=6)  # tall: its SVD needs C itself
+    with pytest.raises(ValueError, match="needs a wide weight"):
+        whitened_svd(Wt, ProjectedMoment((Wt @ Xt) @ (Wt @ Xt).T, float((Xt @ Xt.T).trace()), 6))
+    with pytest.raises(ValueError, match="needs a wide weight"):
+        whitened_svd(W, ProjectedMoment(torch.eye(5, dtype=torch.float64), 1.0, 14))

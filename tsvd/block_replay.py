@@ -30,7 +30,8 @@ class StopForward(Exception):
     """Raised from a forward hook to end a pass once the wanted inputs have been seen."""
 
 
-def stop_forward(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+def stop_forward(module: nn.Module, *hook_args) -> None:
+    """A forward pre-hook or forward hook that ends the pass (``StopForward``)."""
     raise StopForward
 
 

@@ -19,7 +19,7 @@ avoids most of that cost for models built of a list of blocks).
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from tsvd.block_replay import stop_forward, stopped_passes
 from tsvd.errors import UserError
+from tsvd.whitening import ProjectedMoment
 
 
 def model_logits(out) -> Tensor:
@@ -92,12 +93,19 @@ def upper_gram(rows: Tensor) -> Tensor:
 class InputMoments:
     """``with InputMoments(layers) as m: <forward passes>``; then ``m.moment(name)`` is ``Σ x xᵀ`` (float64,
     ``in×in``) over every input row the layer ``name`` saw, and ``m.rows(name)`` the number of rows
-    (the moments are complete once the ``with`` block has ended)."""
+    (the moments are complete once the ``with`` block has ended).
 
-    def __init__(self, layers: dict[str, nn.Linear]) -> None:
+    ``projected`` names layers (wide ones, ``out < in``) whose moment is kept in projected form instead,
+    ``W C Wᵀ = Σ y yᵀ`` of their outputs without bias and ``tr C`` (``tsvd.whitening.ProjectedMoment``,
+    what their whitened SVD reads): ``out²`` per row instead of ``in²``, from the output the forward
+    computes anyway (a forward hook). Such a layer shares no statistic."""
+
+    def __init__(self, layers: dict[str, nn.Linear], projected: Collection[str] = ()) -> None:
         self.layers = layers
+        self.projected = set(projected)
         self._sums: dict[str, Tensor] = {}  # one per distinct input: keyed by the first layer that saw it
         self._rows: dict[str, int] = {}
+        self._traces: dict[str, float] = {}  # projected layers: Σ ‖x‖²
         self._owner: dict[str, str] = {}  # layer name -> key of its statistic
         self._last: tuple[Tensor, str] | None = None
         self._fed: list[str] = []  # the layers fed in the current batch, in order
@@ -107,7 +115,10 @@ class InputMoments:
 
     def __enter__(self) -> "InputMoments":
         for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
+            if name in self.projected:
+                self._handles.append(layer.register_forward_hook(self._output_hook(name)))
+            else:
+                self._handles.append(layer.register_forward_pre_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,6 +128,14 @@ class InputMoments:
         self._last = None
         for key, acc in self._sums.items():  # the sums hold upper triangles: mirror them
             self._sums[key] = acc.triu() + acc.triu(1).T
+
+    def _add(self, key: str, rows: Tensor) -> None:
+        gram = upper_gram(rows)
+        if key in self._sums:
+            self._sums[key] += gram
+            self._rows[key] += rows.shape[0]
+        else:
+            self._sums[key], self._rows[key] = gram.double(), rows.shape[0]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -129,14 +148,19 @@ class InputMoments:
             if key != name:
                 raise RuntimeError(f"calibration: {name} shared the input of {key} in an earlier batch but not now")
             t0 = time.perf_counter()
-            rows = x.detach().reshape(-1, x.shape[-1])
-            gram = upper_gram(rows)
-            if key in self._sums:
-                self._sums[key] += gram
-                self._rows[key] += rows.shape[0]
-            else:
-                self._sums[key], self._rows[key] = gram.double(), rows.shape[0]
+            self._add(key, x.detach().reshape(-1, x.shape[-1]))
             self._last = (x, key)
+            self.seconds += time.perf_counter() - t0
+        return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            self._fed.append(name)
+            self._owner[name] = name
+            t0 = time.perf_counter()
+            y = out.detach() if module.bias is None else out.detach() - module.bias.detach()
+            self._add(name, y.reshape(-1, y.shape[-1]))
+            self._traces[name] = self._traces.get(name, 0.0) + float(args[0].detach().square().sum(dtype=torch.float64))
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -152,9 +176,11 @@ class InputMoments:
             return None
         return self.order[-1]
 
-    def moment(self, name: str) -> Tensor:
+    def moment(self, name: str) -> Tensor | ProjectedMoment:
         if name not in self._owner:
             raise UserError(f"calibration: layer {name} saw no input (is it used in the model's forward?)")
+        if name in self.projected:
+            return ProjectedMoment(self._sums[name], self._traces[name], self.layers[name].in_features)
         return self._sums[self._owner[name]]
 
     def rows(self, name: str) -> int:
@@ -240,13 +266,13 @@ def moment_passes(model: nn.Module, moments: InputMoments, batches: Sequence[Ten
                   loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
                   log: Callable[[str], None] | None = None) -> None:
     """Run ``loss_fn(model, batch)`` over the batches for ``moments`` (entered). Once a whole pass has shown
-    which target layer is fed last (``InputMoments.final_layer``) every pass ends when it reaches that
+    which target layer is fed last (``InputMoments.final_layer``) every pass ends right after that
     layer: the rest of the model — a causal LM's final norm, output head and loss — adds nothing to the
     statistics. ``log`` receives a progress line per batch."""
     t0 = time.perf_counter()
     for k, batch in enumerate(batches):
         last = moments.final_layer()
-        handle = None if last is None else moments.layers[last].register_forward_pre_hook(stop_forward)
+        handle = None if last is None else moments.layers[last].register_forward_hook(stop_forward)
         try:
             stopped_passes(model, [batch], loss_fn, moments.end_batch)
         finally:

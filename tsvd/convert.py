@@ -205,10 +205,13 @@ def calibration_statistics(model: nn.Module, layers: dict[str, nn.Linear], calib
     calibration batches. The first ``gradient_batches`` also go backward to the layers' outputs
     (``tsvd.calibration.collect_output_gradients``: each layer's ``G = Σ g gᵀ``, ``out×out``, float64),
     their forward passes feeding the input moments too; the rest run without gradients, each ended at
-    the last target layer (``tsvd.calibration.moment_passes``)."""
+    the last target layer (``tsvd.calibration.moment_passes``). Wide layers (``out < in``) keep their
+    moment in projected form (``tsvd.whitening.ProjectedMoment``): every layer's statistic is then
+    ``min(in, out)²`` per token."""
     t0 = time.perf_counter()
     curvatures = None
-    with InputMoments(layers) as moments:
+    wide = [n for n, m in layers.items() if m.out_features < m.in_features]
+    with InputMoments(layers, projected=wide) as moments:
         if gradient_batches > 0:
             grads = collect_output_gradients(model, layers, calibration[:gradient_batches], loss_fn,
                                              after_batch=moments.end_batch)

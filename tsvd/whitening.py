@@ -33,12 +33,34 @@ DAMPING = 1e-6  # relative to mean(diag C): far below any direction the data use
 SHRINKAGE = 0.5  # α of the output curvature's shrinkage (docs/hf.md: chosen on SmolLM2's validation text)
 
 
+@dataclass(frozen=True)
+class ProjectedMoment:
+    """A wide layer's (``out < in``) input moment ``C`` in the only form its whitened SVD reads:
+    ``gram = W C Wᵀ`` (``out×out``, float64: ``Σ y yᵀ`` of the layer's outputs without bias) and
+    ``trace = tr C`` (for the damping). Accumulating it costs ``out²`` per input row instead of ``in²``."""
+
+    gram: Tensor
+    trace: float
+    in_features: int
+
+
+def damping_value(mean_diag: float, damping: float = DAMPING) -> float:
+    """``λ = damping · mean(diag C)``; ``damping`` itself for an all-zero ``C`` (a layer that only saw zeros)."""
+    return damping * (mean_diag if mean_diag > 0 else 1.0)
+
+
 def damped(C: Tensor, damping: float = DAMPING) -> Tensor:
-    """``C + λ I`` (float64) with ``λ = damping · mean(diag C)``; an all-zero ``C`` (a layer that only saw
-    zeros) gets ``λ = damping``."""
+    """``C + λ I`` (float64, ``λ = damping_value(mean(diag C))``)."""
     C = C.double()
-    scale = float(C.diagonal().mean()) if C.numel() else 0.0
-    return C + damping * (scale if scale > 0 else 1.0) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    lam = damping_value(float(C.diagonal().mean()) if C.numel() else 0.0, damping)
+    return C + lam * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+
+
+def damped_projection(W: Tensor, C: Tensor | ProjectedMoment, damping: float = DAMPING) -> Tensor:
+    """``W damped(C) Wᵀ`` (``out×out``, float64; ``W`` float64), from ``C`` or its projected form."""
+    if not isinstance(C, ProjectedMoment):
+        return W @ damped(C.to(W.device), damping) @ W.T
+    return C.gram.to(W) + damping_value(C.trace / C.in_features, damping) * (W @ W.T)
 
 
 def shrunk(G: Tensor, shrinkage: float = SHRINKAGE) -> Tensor:
@@ -117,11 +139,12 @@ class WhitenedSVD:
         Pm, s, Qmh = torch.linalg.svd(core)
         return Qb @ Qmh.T, s, P @ Pm
 
-def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING, curvature: Tensor | None = None,
+def whitened_svd(W: Tensor, C: Tensor | ProjectedMoment, damping: float = DAMPING, curvature: Tensor | None = None,
                  shrinkage: float = SHRINKAGE) -> WhitenedSVD:
     """The SVD of ``A = W L`` (``W`` ``out×in``, input second moment ``C``, ``L Lᵀ = damped(C)``), mapped
     back by ``L⁻ᵀ``; with ``curvature`` (the output-gradient moment ``G``, ``out×out``) the SVD of
-    ``A = Rᵀ W L`` (``R Rᵀ = shrunk(G, shrinkage)``, damped), mapped back by ``R⁻ᵀ`` and ``L⁻ᵀ``.
+    ``A = Rᵀ W L`` (``R Rᵀ = shrunk(G, shrinkage)``, damped), mapped back by ``R⁻ᵀ`` and ``L⁻ᵀ``. A wide
+    ``W`` may come with its moment in projected form (``ProjectedMoment``): the same result.
     Computed from the eigen-decomposition of the smaller Gram in float64, about half the time of a
     direct SVD at SmolLM2's shapes. ``σᵢ²`` are exact to ``~1e-16·σ₁²`` (``σᵢ`` to ``~1e-8·σ₁``): only
     directions far below anything a truncation keeps lose accuracy, and those of ``σᵢ ≤ 1e-13·σ₁`` get
@@ -132,20 +155,23 @@ def whitened_svd(W: Tensor, C: Tensor, damping: float = DAMPING, curvature: Tens
     ``AᵀA = Lᵀ Wᵀ G̃ W L = Q diag(σ²) Qᵀ``, ``P = R⁻ᵀ A Q / σ = W L Q / σ``, ``B = L⁻ᵀ Q`` (no Cholesky of
     ``G̃``). Without ``curvature``, ``R = G̃ = I``."""
     W = W.detach().double()
-    if C.shape != (W.shape[1], W.shape[1]):
+    wide = W.shape[0] < W.shape[1]
+    if isinstance(C, ProjectedMoment):
+        if not wide or C.gram.shape != (W.shape[0], W.shape[0]) or C.in_features != W.shape[1]:
+            raise ValueError(f"a projected moment ({tuple(C.gram.shape)}, in {C.in_features}) needs a wide weight "
+                             f"and out×out, got {tuple(W.shape)}")
+    elif C.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"second moment {tuple(C.shape)} does not fit a weight {tuple(W.shape)} (needs in×in)")
     if curvature is not None and curvature.shape != (W.shape[0], W.shape[0]):
         raise ValueError(f"curvature {tuple(curvature.shape)} does not fit a weight {tuple(W.shape)} (needs out×out)")
-    C = C.to(W.device)
     G = None if curvature is None else shrunk(curvature.to(W.device), shrinkage)
-    wide = W.shape[0] < W.shape[1]
     if wide:
-        gram = W @ damped(C, damping) @ W.T
+        gram = damped_projection(W, C, damping)
         if G is not None:
             R = damped_cholesky(G, damping)
             gram = R.T @ gram @ R
     else:
-        L = damped_cholesky(C, damping)
+        L = damped_cholesky(C.to(W.device), damping)
         A = W @ L
         gram = A.T @ A if G is None else A.T @ G @ A
     lam, vecs = torch.linalg.eigh(gram)

@@ -5,6 +5,10 @@ layer's input rows (``X`` is ``tokens×in``) to a float64 ``in×in`` sum. Nothin
 is one ``in×in`` statistic per distinct input, not the activations. Layers fed the *same* tensor (a
 Llama block's ``q/k/v`` or ``gate/up`` projections) share one statistic and its cost.
 
+A wide layer (``out < in``) may keep its moment in projected form instead (``projected=``): the second
+moment of its outputs, ``W C Wᵀ``, and ``tr C`` — all its whitened SVD reads of ``C``
+(``tsvd.whitening.ProjectedMoment``), at ``out²`` rather than ``in²`` per row.
+
 Each batch's product is formed in the input's dtype (float32: a sum over one batch's tokens, relative
 rounding ~1e-7·√tokens) and added to the float64 total, so the total's rounding does not grow with
 the number of batches.

@@ -94,7 +94,7 @@ def test_projected_moments_are_the_outputs_second_moment_and_the_inputs_trace():
         moment_passes(model, m, xs, loss_fn)
     assert model.head_calls == 6 and m.final_layer() == "down"
     p = m.moment("down")
-    assert isinstance(p, ProjectedMoment) and p.in_features == 12 and m.rows("down") == 45
+    assert isinstance(p, ProjectedMoment) and p.dim == 12 and m.rows("down") == 45
     W = model.mlp.down.weight.detach().double()
     C = full.moment("down")
     torch.testing.assert_close(p.gram, W @ C @ W.T, rtol=1e-5, atol=1e-5)  # fp32 products, see the module doc
@@ -182,6 +182,12 @@ def test_output_gradient_moments_are_the_gradients_second_moments():
             gr = outs[0].grad.reshape(-1, outs[0].shape[-1]).double()
             expected = expected + gr.T @ gr
         torch.testing.assert_close(moments.moment(name), expected, rtol=1e-5, atol=1e-5)
+        if name == "up":  # tall (8 → 12): its projected form is Wᵀ G W and tr G
+            model.zero_grad(set_to_none=True)
+            proj = collect_output_gradients(model, {"up": model.up}, xs, loss_fn, projected=["up"]).moment("up")
+            W = model.up.weight.detach().double()
+            torch.testing.assert_close(proj.gram, W.T @ expected @ W, rtol=1e-5, atol=1e-4)
+            assert proj.trace == pytest.approx(float(expected.trace()), rel=1e-5) and proj.dim == 12
     with pytest.raises(UserError, match="received no gradient"):
         moments.moment("gate")
 

@@ -197,3 +197,21 @@ def test_a_wide_layers_projected_moment_gives_the_same_svd(with_curvature):
         whitened_svd(Wt, ProjectedMoment((Wt @ Xt) @ (Wt @ Xt).T, float((Xt @ Xt.T).trace()), 6))
     with pytest.raises(ValueError, match="needs a wide weight"):
         whitened_svd(W, ProjectedMoment(torch.eye(5, dtype=torch.float64), 1.0, 14))
+
+
+def test_a_tall_layers_projected_curvature_gives_the_same_svd():
+    """``Wᵀ G W`` and ``tr G`` are all a tall layer's curvature-weighted SVD reads of ``G`` (shrinkage
+    included)."""
+    W, X = problem(out_f=14, in_f=6)
+    C, G = X @ X.T, curvature(14, seed=5)
+    for alpha in (0.0, 0.5, 1.0):
+        full = whitened_svd(W, C, curvature=G, shrinkage=alpha)
+        proj = whitened_svd(W, C, curvature=ProjectedMoment(W.T @ G @ W, float(G.trace()), 14), shrinkage=alpha)
+        torch.testing.assert_close(proj.sigma, full.sigma, rtol=1e-9, atol=1e-12 * float(full.sigma[0]))
+        for r in (1, 3, 6):
+            torch.testing.assert_close(proj.weight(r), full.weight(r), rtol=1e-9, atol=1e-9)
+    Ww, Xw = problem(out_f=6, in_f=14)  # wide: its SVD needs G itself
+    with pytest.raises(ValueError, match="needs a tall weight"):
+        whitened_svd(Ww, Xw @ Xw.T, curvature=ProjectedMoment(torch.eye(14, dtype=torch.float64), 1.0, 6))
+    with pytest.raises(ValueError, match="needs a tall weight"):
+        whitened_svd(W, C, curvature=ProjectedMoment(torch.eye(6, dtype=torch.float64), 1.0, 13))

@@ -203,11 +203,17 @@ class OutputGradientMoments:
 
     ``add`` asks autograd for the gradients of the layers' outputs only (``torch.autograd.grad``), so no
     parameter gradient is formed or stored: the backward pass skips the weight-gradient products and
-    stops below the first target layer."""
+    stops below the first target layer.
 
-    def __init__(self, layers: dict[str, nn.Linear]) -> None:
+    ``projected`` names layers (tall ones, ``out > in``) whose moment is kept in projected form instead,
+    ``Wᵀ G W = Σ (Wᵀg)(Wᵀg)ᵀ`` and ``tr G`` (``tsvd.whitening.ProjectedMoment``, what their curvature-
+    weighted SVD reads): ``in²`` per row to store and accumulate instead of ``out²``."""
+
+    def __init__(self, layers: dict[str, nn.Linear], projected: Collection[str] = ()) -> None:
         self.layers = layers
+        self.projected = set(projected)
         self._sums: dict[str, Tensor] = {}
+        self._traces: dict[str, float] = {}  # projected layers: Σ ‖g‖²
         self._outputs: list[tuple[str, Tensor]] = []
         self._handles: list = []
 
@@ -239,25 +245,33 @@ class OutputGradientMoments:
         for (name, _), g in zip(outputs, grads):
             if g is None:
                 continue
-            gram = upper_gram(g.detach().reshape(-1, g.shape[-1]))
+            rows = g.detach().reshape(-1, g.shape[-1])
+            if name in self.projected:
+                self._traces[name] = self._traces.get(name, 0.0) + float(rows.square().sum(dtype=torch.float64))
+                rows = rows @ self.layers[name].weight.detach()  # Wᵀg per row: N×in
+            gram = upper_gram(rows)
             if name in self._sums:
                 self._sums[name] += gram
             else:
                 self._sums[name] = gram.double()
 
-    def moment(self, name: str) -> Tensor:
+    def moment(self, name: str) -> Tensor | ProjectedMoment:
         if name not in self._sums:
             raise UserError(f"calibration: layer {name} received no gradient (is it used in the loss?)")
+        if name in self.projected:
+            return ProjectedMoment(self._sums[name], self._traces[name], self.layers[name].out_features)
         return self._sums[name]
 
 
 def collect_output_gradients(model: nn.Module, layers: dict[str, nn.Linear], batches: Iterable[Tensor],
                              loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
-                             after_batch: Callable[[], None] | None = None) -> OutputGradientMoments:
+                             after_batch: Callable[[], None] | None = None,
+                             projected: Collection[str] = ()) -> OutputGradientMoments:
     """Forward ``loss_fn(model, batch)`` over the batches and backward to the layers' outputs only
     (``OutputGradientMoments.add``: no parameter gradients; the weights are not changed); ``after_batch``
-    is called after each (other hooks, e.g. an ``InputMoments``, may share the forward passes)."""
-    with OutputGradientMoments(layers) as moments, torch.enable_grad():
+    is called after each (other hooks, e.g. an ``InputMoments``, may share the forward passes);
+    ``projected``: as in ``OutputGradientMoments``."""
+    with OutputGradientMoments(layers, projected) as moments, torch.enable_grad():
         for batch in batches:
             moments.add(loss_fn(model, batch))
             if after_batch is not None:

@@ -24,7 +24,7 @@ from tsvd.calibration import (InputMoments, collect_output_gradients, forward_st
 from tsvd.errors import UserError
 from tsvd.sizes import check_size
 from tsvd.spectral import INITS, SpectralLinear, check_rank
-from tsvd.whitening import DAMPING, SHRINKAGE, WhitenedSVD, whitened_svd
+from tsvd.whitening import DAMPING, SHRINKAGE, ProjectedMoment, WhitenedSVD, whitened_svd
 
 
 @dataclass(frozen=True)
@@ -200,21 +200,22 @@ def spectralize(
 def calibration_statistics(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
                            loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
                            gradient_batches: int = 0, log: Callable[[str], None] | None = None
-                           ) -> tuple[InputMoments, dict[str, Tensor] | None]:
+                           ) -> tuple[InputMoments, dict[str, Tensor | ProjectedMoment] | None]:
     """``(input moments, output-gradient moments or None)`` of the layers from one pass over the
     calibration batches. The first ``gradient_batches`` also go backward to the layers' outputs
     (``tsvd.calibration.collect_output_gradients``: each layer's ``G = Σ g gᵀ``, ``out×out``, float64),
     their forward passes feeding the input moments too; the rest run without gradients, each ended at
     the last target layer (``tsvd.calibration.moment_passes``). Wide layers (``out < in``) keep their
-    moment in projected form (``tsvd.whitening.ProjectedMoment``): every layer's statistic is then
-    ``min(in, out)²`` per token."""
+    moment in projected form, tall layers (``out > in``) their output-gradient moment
+    (``tsvd.whitening.ProjectedMoment``): every statistic is then ``min(in, out)²``."""
     t0 = time.perf_counter()
     curvatures = None
     wide = [n for n, m in layers.items() if m.out_features < m.in_features]
+    tall = [n for n, m in layers.items() if m.out_features > m.in_features]
     with InputMoments(layers, projected=wide) as moments:
         if gradient_batches > 0:
             grads = collect_output_gradients(model, layers, calibration[:gradient_batches], loss_fn,
-                                             after_batch=moments.end_batch)
+                                             after_batch=moments.end_batch, projected=tall)
             curvatures = {n: grads.moment(n) for n in layers}
             if log is not None:
                 log(f"output curvature: {gradient_batches} backward passes, {time.perf_counter() - t0:.1f} s")
@@ -225,7 +226,8 @@ def calibration_statistics(model: nn.Module, layers: dict[str, nn.Linear], calib
 
 
 @torch.no_grad()
-def calibrated_svds(layers: dict[str, nn.Linear], moments: InputMoments, curvatures: dict[str, Tensor] | None = None,
+def calibrated_svds(layers: dict[str, nn.Linear], moments: InputMoments,
+                    curvatures: dict[str, Tensor | ProjectedMoment] | None = None,
                     damping: float = DAMPING, shrinkage: float = SHRINKAGE,
                     log: Callable[[str], None] | None = None) -> dict[str, WhitenedSVD]:
     """Each layer's whitened SVD (``tsvd.whitening``) from its input moment; curvature-weighted where
@@ -244,7 +246,7 @@ def calibrated_svds(layers: dict[str, nn.Linear], moments: InputMoments, curvatu
 def sequential_factors(model: nn.Module, layers: dict[str, nn.Linear], calibration: Sequence[Tensor],
                        ranks: dict[str, int], loss_fn: Callable[[nn.Module, Tensor], Tensor] = next_token_loss,
                        damping: float = DAMPING, log: Callable[[str], None] | None = None,
-                       curvatures: dict[str, Tensor] | None = None,
+                       curvatures: dict[str, Tensor | ProjectedMoment] | None = None,
                        shrinkage: float = SHRINKAGE) -> list[LayerReport]:
     """Replace the layers by whitened rank-``ranks[name]`` factors one stage at a time, in forward order
     (``tsvd.calibration.forward_stages``): each stage's input moments are measured on the model with

@@ -35,13 +35,16 @@ SHRINKAGE = 0.5  # α of the output curvature's shrinkage (docs/hf.md: chosen on
 
 @dataclass(frozen=True)
 class ProjectedMoment:
-    """A wide layer's (``out < in``) input moment ``C`` in the only form its whitened SVD reads:
-    ``gram = W C Wᵀ`` (``out×out``, float64: ``Σ y yᵀ`` of the layer's outputs without bias) and
-    ``trace = tr C`` (for the damping). Accumulating it costs ``out²`` per input row instead of ``in²``."""
+    """A second moment ``M`` (``dim×dim``) in the only form a whitened SVD reads it when ``M`` lives on the
+    weight's larger side: ``gram`` (float64) is ``M`` carried through ``W`` to the smaller side and
+    ``trace = tr M`` (for the damping or the shrinkage). A wide layer's (``out < in``) input moment ``C``:
+    ``gram = W C Wᵀ`` (``out×out``, ``Σ y yᵀ`` of the outputs without bias), ``dim = in``; a tall layer's
+    (``out > in``) output-gradient moment ``G``: ``gram = Wᵀ G W`` (``in×in``, ``Σ (Wᵀg)(Wᵀg)ᵀ``),
+    ``dim = out``. Accumulating it costs ``min(in, out)²`` per row instead of ``max(in, out)²``."""
 
     gram: Tensor
     trace: float
-    in_features: int
+    dim: int
 
 
 def damping_value(mean_diag: float, damping: float = DAMPING) -> float:
@@ -60,7 +63,14 @@ def damped_projection(W: Tensor, C: Tensor | ProjectedMoment, damping: float = D
     """``W damped(C) Wᵀ`` (``out×out``, float64; ``W`` float64), from ``C`` or its projected form."""
     if not isinstance(C, ProjectedMoment):
         return W @ damped(C.to(W.device), damping) @ W.T
-    return C.gram.to(W) + damping_value(C.trace / C.in_features, damping) * (W @ W.T)
+    return C.gram.to(W) + damping_value(C.trace / C.dim, damping) * (W @ W.T)
+
+
+def shrunk_projection(W: Tensor, G: ProjectedMoment, shrinkage: float = SHRINKAGE) -> Tensor:
+    """``Wᵀ shrunk(G, shrinkage) W`` (``in×in``, float64; ``W`` float64) from ``G``'s projected form."""
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    return (1.0 - shrinkage) * G.gram.to(W) + shrinkage * (G.trace / G.dim) * (W.T @ W)
 
 
 def shrunk(G: Tensor, shrinkage: float = SHRINKAGE) -> Tensor:
@@ -139,12 +149,15 @@ class WhitenedSVD:
         Pm, s, Qmh = torch.linalg.svd(core)
         return Qb @ Qmh.T, s, P @ Pm
 
-def whitened_svd(W: Tensor, C: Tensor | ProjectedMoment, damping: float = DAMPING, curvature: Tensor | None = None,
+
+def whitened_svd(W: Tensor, C: Tensor | ProjectedMoment, damping: float = DAMPING,
+                 curvature: Tensor | ProjectedMoment | None = None,
                  shrinkage: float = SHRINKAGE) -> WhitenedSVD:
     """The SVD of ``A = W L`` (``W`` ``out×in``, input second moment ``C``, ``L Lᵀ = damped(C)``), mapped
     back by ``L⁻ᵀ``; with ``curvature`` (the output-gradient moment ``G``, ``out×out``) the SVD of
     ``A = Rᵀ W L`` (``R Rᵀ = shrunk(G, shrinkage)``, damped), mapped back by ``R⁻ᵀ`` and ``L⁻ᵀ``. A wide
-    ``W`` may come with its moment in projected form (``ProjectedMoment``): the same result.
+    ``W`` may come with its input moment, a tall one with its curvature, in projected form
+    (``ProjectedMoment``): the same result.
     Computed from the eigen-decomposition of the smaller Gram in float64, about half the time of a
     direct SVD at SmolLM2's shapes. ``σᵢ²`` are exact to ``~1e-16·σ₁²`` (``σᵢ`` to ``~1e-8·σ₁``): only
     directions far below anything a truncation keeps lose accuracy, and those of ``σᵢ ≤ 1e-13·σ₁`` get
@@ -155,33 +168,44 @@ def whitened_svd(W: Tensor, C: Tensor | ProjectedMoment, damping: float = DAMPIN
     ``AᵀA = Lᵀ Wᵀ G̃ W L = Q diag(σ²) Qᵀ``, ``P = R⁻ᵀ A Q / σ = W L Q / σ``, ``B = L⁻ᵀ Q`` (no Cholesky of
     ``G̃``). Without ``curvature``, ``R = G̃ = I``."""
     W = W.detach().double()
-    wide = W.shape[0] < W.shape[1]
+    out_f, in_f = W.shape
+    wide = out_f < in_f
     if isinstance(C, ProjectedMoment):
-        if not wide or C.gram.shape != (W.shape[0], W.shape[0]) or C.in_features != W.shape[1]:
-            raise ValueError(f"a projected moment ({tuple(C.gram.shape)}, in {C.in_features}) needs a wide weight "
-                             f"and out×out, got {tuple(W.shape)}")
-    elif C.shape != (W.shape[1], W.shape[1]):
+        if not wide or C.gram.shape != (out_f, out_f) or C.dim != in_f:
+            raise ValueError(f"a projected input moment ({tuple(C.gram.shape)}, of {C.dim}) needs a wide weight, "
+                             f"out×out, got {tuple(W.shape)}")
+    elif C.shape != (in_f, in_f):
         raise ValueError(f"second moment {tuple(C.shape)} does not fit a weight {tuple(W.shape)} (needs in×in)")
-    if curvature is not None and curvature.shape != (W.shape[0], W.shape[0]):
+    if isinstance(curvature, ProjectedMoment):
+        if out_f <= in_f or curvature.gram.shape != (in_f, in_f) or curvature.dim != out_f:
+            raise ValueError(f"a projected curvature ({tuple(curvature.gram.shape)}, of {curvature.dim}) needs a "
+                             f"tall weight, in×in, got {tuple(W.shape)}")
+    elif curvature is not None and curvature.shape != (out_f, out_f):
         raise ValueError(f"curvature {tuple(curvature.shape)} does not fit a weight {tuple(W.shape)} (needs out×out)")
-    G = None if curvature is None else shrunk(curvature.to(W.device), shrinkage)
+    weighted = curvature is not None
+    G = shrunk(curvature.to(W.device), shrinkage) if isinstance(curvature, Tensor) else None
     if wide:
         gram = damped_projection(W, C, damping)
-        if G is not None:
+        if weighted:
             R = damped_cholesky(G, damping)
             gram = R.T @ gram @ R
     else:
         L = damped_cholesky(C.to(W.device), damping)
         A = W @ L
-        gram = A.T @ A if G is None else A.T @ G @ A
+        if not weighted:
+            gram = A.T @ A
+        elif G is None:  # projected: Aᵀ G̃ A = Lᵀ (Wᵀ G̃ W) L
+            gram = L.T @ shrunk_projection(W, curvature, shrinkage) @ L
+        else:
+            gram = A.T @ G @ A
     lam, vecs = torch.linalg.eigh(gram)
     lam, vecs = lam.flip(0).clamp_min(0), vecs.flip(1)
     sigma = lam.sqrt()
     inv = torch.where(sigma > sigma[:1] * 1e-13, 1.0 / sigma, torch.zeros_like(sigma))
     if not wide:
         B = torch.linalg.solve_triangular(L.T, vecs, upper=True)
-        return WhitenedSVD((A @ vecs) * inv, sigma, B, curvature_weighted=G is not None)
-    if G is None:
+        return WhitenedSVD((A @ vecs) * inv, sigma, B, curvature_weighted=weighted)
+    if not weighted:
         return WhitenedSVD(vecs, sigma, (W.T @ vecs) * inv, orthonormal_P=True)
     P = torch.linalg.solve_triangular(R.T, vecs, upper=True)
     return WhitenedSVD(P, sigma, (W.T @ (R @ vecs)) * inv, curvature_weighted=True)

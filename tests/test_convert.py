@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tsvd import SpectralLinear, UserError, spectralize
-from tsvd.convert import LayerReport, densify, format_report
+from tsvd.convert import LayerReport, densify, format_report, matches_glob
 
 TOL = 1e-5
 
@@ -189,11 +189,11 @@ def test_layer_report_arithmetic():
 
 # --- activation-aware conversion (calibration=) ---
 
-def tiny_lm(seed: int = 0):
+def tiny_lm(seed: int = 0, n_kv_heads: int = 2):
     from tsvd.config import ModelConfig
     from tsvd.model import Transformer
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=48, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=40,
+    return Transformer(ModelConfig(vocab_size=48, dim=16, n_layers=2, n_heads=2, n_kv_heads=n_kv_heads, ffn_dim=40,
                                    max_seq_len=16))
 
 
@@ -229,15 +229,17 @@ def test_calibrated_conversion_is_the_whitened_optimum_of_the_layers_inputs():
     assert sum(name in line for line in lines) >= 2 and any(line.startswith("calibration:") for line in lines)
 
 
-def test_loss_aware_conversion_is_the_curvature_weighted_optimum_at_global_ranks():
+@pytest.mark.parametrize("targets", ["*.mlp.*", "layers.*"])
+def test_loss_aware_conversion_is_the_curvature_weighted_optimum_at_global_ranks(targets):
     """``params_ratio`` with calibration: every layer is the truncation optimal for the K-FAC loss estimate
     (its inputs' moment on the calibration batches, its output gradients' moment on the sensitivity
-    batches, measured here by plain hooks), and the ranks keep the directions of largest ``σᵢ²`` per
-    parameter across layers."""
+    batches, measured here by plain hooks as full matrices), and the ranks keep the directions of largest
+    ``σᵢ²`` per parameter across layers. Every shape kind: tall (``gate/up``), wide (``down``; ``k/v``,
+    sharing their input with the square ``q``) and square."""
     from tsvd.allocation import greedy_ranks, rank_cost, ratio_budget
     from tsvd.whitening import whitened_svd
-    model, windows = tiny_lm(), lm_windows()
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n]
+    model, windows = tiny_lm(n_kv_heads=1), lm_windows()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches_glob(n, [targets])]
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     C = {n: 0 for n in names}
     G = {n: 0 for n in names}
@@ -266,7 +268,7 @@ def test_loss_aware_conversion_is_the_curvature_weighted_optimum_at_global_ranks
         h.remove()
     model.zero_grad(set_to_none=True)
 
-    report = spectralize(model, targets="*.mlp.*", params_ratio=0.5, calibration=windows, gradient_batches=2)
+    report = spectralize(model, targets=targets, params_ratio=0.5, calibration=windows, gradient_batches=2)
     svds = {n: whitened_svd(weights[n], C[n], curvature=G[n]) for n in names}
     shapes = {n: tuple(weights[n].shape) for n in names}
     costs = {n: rank_cost(i, o) for n, (o, i) in shapes.items()}

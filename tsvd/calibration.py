@@ -286,7 +286,9 @@ def moment_passes(model: nn.Module, moments: InputMoments, batches: Sequence[Ten
     """Run ``loss_fn(model, batch)`` over the batches for ``moments`` (entered). Once a whole pass has shown
     which target layer is fed last (``InputMoments.final_layer``) every pass ends right after that
     layer: the rest of the model — a causal LM's final norm, output head and loss — adds nothing to the
-    statistics. ``log`` receives a progress line per batch."""
+    statistics. This assumes the forward feeds the target layers in the same order every pass (true of
+    a transformer's stack of blocks); a pass that feeds some layer twice or not at all switches the
+    stopping off for the next. ``log`` receives a progress line per batch."""
     t0 = time.perf_counter()
     for k, batch in enumerate(batches):
         last = moments.final_layer()

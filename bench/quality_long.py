@@ -171,6 +171,16 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     out.append(Arm("ramp-fisher", f"budget ramp from rank {r0} (×2.6 by step {ramp_sched[2].split('=')[1]}; "
                    f"average parameters ≈ uniform's), Fisher saliency, protect 1, the adaptive arm's LRs "
                    "(core_lr 10×lr)", ramp_fisher, [], core_ratio=10.0, optional=True, lr_from=adaptive))
+    # the opposite order: start at 1.5× the rank and let the Fisher budget shrink to 0.48× of that (0.72× the
+    # uniform rank) by step 1000 — average parameters ≈ uniform's; the early phase trains more directions
+    big = round(1.5 * rank)
+    shrink = [o.replace(f".rank={rank}", f".rank={big}") for o in spec] + ramp_sched + [
+        "rank.policy=budget", "rank.budget_params=0", "rank.budget_growth=0.48", "rank.growth_factor=1.5",
+        "rank.min_rank=4", f"rank.max_rank={4 * rank}", "rank.max_shrink=0.5", "rank.hysteresis=0.05",
+        "rank.grow_directions=gradient", "rank.score=fisher", "rank.protect=1"]
+    out.append(Arm("shrink-fisher", f"budget shrinking from rank {big} to 0.48× by step "
+                   f"{ramp_sched[2].split('=')[1]} (average parameters ≈ uniform's), Fisher saliency, protect 1, "
+                   "the adaptive arm's lr, core_lr = lr", shrink, [], core_ratio=1.0, optional=True, lr_from=adaptive))
     # separates the two halves of the adaptive arm's optimizer setting: its factor lr with core_lr = lr
     out.append(Arm("uniform-core1", f"uniform static rank {rank} at the adaptive arm's lr, core_lr = lr",
                    spec + static, [], core_ratio=1.0, optional=True, lr_from=adaptive))

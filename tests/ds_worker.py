@@ -115,6 +115,9 @@ def main(spec_path: str) -> None:
     if engine.rank == 0:
         Path(spec["out"]).write_text(json.dumps({"world_size": engine.world_size, "ranks": everyone}))
     engine.barrier()
+    # as the trainer does: a process that exits with the gloo group alive now and then dies in a C++
+    # destructor ("terminate called without an active exception") after its work is done
+    engine.close()
 
 
 def step_record(engine, step: int, res) -> dict:

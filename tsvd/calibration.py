@@ -94,6 +94,22 @@ def upper_gram(rows: Tensor) -> Tensor:
     return out
 
 
+def accumulate_gram(sums: dict[str, Tensor], key: str, rows: Tensor) -> None:
+    """Add the upper triangle of ``rowsᵀ rows`` (``upper_gram``, in ``rows``' dtype) to the float64 sum
+    ``sums[key]`` (created on first use)."""
+    gram = upper_gram(rows)
+    if key in sums:
+        sums[key] += gram
+    else:
+        sums[key] = gram.double()
+
+
+def mirror_grams(sums: dict[str, Tensor]) -> None:
+    """Complete each sum of ``accumulate_gram`` (upper triangles) to the symmetric matrix, in place."""
+    for key, acc in sums.items():
+        sums[key] = acc.triu() + acc.triu(1).T
+
+
 class InputMoments:
     """``with InputMoments(layers) as m: <forward passes>``; then ``m.moment(name)`` is ``Σ x xᵀ`` (float64,
     ``in×in``) over every input row the layer ``name`` saw, and ``m.rows(name)`` the number of rows
@@ -130,16 +146,11 @@ class InputMoments:
             h.remove()
         self._handles.clear()
         self._last = None
-        for key, acc in self._sums.items():  # the sums hold upper triangles: mirror them
-            self._sums[key] = acc.triu() + acc.triu(1).T
+        mirror_grams(self._sums)
 
     def _add(self, key: str, rows: Tensor) -> None:
-        gram = upper_gram(rows)
-        if key in self._sums:
-            self._sums[key] += gram
-            self._rows[key] += rows.shape[0]
-        else:
-            self._sums[key], self._rows[key] = gram.double(), rows.shape[0]
+        accumulate_gram(self._sums, key, rows)
+        self._rows[key] = self._rows.get(key, 0) + rows.shape[0]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -227,8 +238,7 @@ class OutputGradientMoments:
             h.remove()
         self._handles.clear()
         self._outputs.clear()
-        for name, acc in self._sums.items():
-            self._sums[name] = acc.triu() + acc.triu(1).T
+        mirror_grams(self._sums)
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
@@ -249,11 +259,7 @@ class OutputGradientMoments:
             if name in self.projected:
                 self._traces[name] = self._traces.get(name, 0.0) + float(rows.square().sum(dtype=torch.float64))
                 rows = rows @ self.layers[name].weight.detach()  # Wᵀg per row: N×in
-            gram = upper_gram(rows)
-            if name in self._sums:
-                self._sums[name] += gram
-            else:
-                self._sums[name] = gram.double()
+            accumulate_gram(self._sums, name, rows)
 
     def moment(self, name: str) -> Tensor | ProjectedMoment:
         if name not in self._sums:

@@ -66,18 +66,21 @@ def damped_projection(W: Tensor, C: Tensor | ProjectedMoment, damping: float = D
     return C.gram.to(W) + damping_value(C.trace / C.dim, damping) * (W @ W.T)
 
 
-def shrunk_projection(W: Tensor, G: ProjectedMoment, shrinkage: float = SHRINKAGE) -> Tensor:
-    """``Wᵀ shrunk(G, shrinkage) W`` (``in×in``, float64; ``W`` float64) from ``G``'s projected form."""
+def check_shrinkage(shrinkage: float) -> None:
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+
+
+def shrunk_projection(W: Tensor, G: ProjectedMoment, shrinkage: float = SHRINKAGE) -> Tensor:
+    """``Wᵀ shrunk(G, shrinkage) W`` (``in×in``, float64; ``W`` float64) from ``G``'s projected form."""
+    check_shrinkage(shrinkage)
     return (1.0 - shrinkage) * G.gram.to(W) + shrinkage * (G.trace / G.dim) * (W.T @ W)
 
 
 def shrunk(G: Tensor, shrinkage: float = SHRINKAGE) -> Tensor:
     """``(1 − α) G + α · mean(diag G) · I`` (float64, ``α = shrinkage`` in [0, 1]): the curvature estimate
     pulled towards its isotropic mean, keeping its trace (so layers stay comparable)."""
-    if not 0.0 <= shrinkage <= 1.0:
-        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    check_shrinkage(shrinkage)
     G = G.double()
     return (1.0 - shrinkage) * G + shrinkage * float(G.diagonal().mean()) * torch.eye(G.shape[0], dtype=G.dtype,
                                                                                      device=G.device)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import faulthandler
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,8 +116,6 @@ def main(spec_path: str) -> None:
     if engine.rank == 0:
         Path(spec["out"]).write_text(json.dumps({"world_size": engine.world_size, "ranks": everyone}))
     engine.barrier()
-    # as the trainer does: a process that exits with the gloo group alive now and then dies in a C++
-    # destructor ("terminate called without an active exception") after its work is done
     engine.close()
 
 
@@ -212,3 +211,10 @@ def rank_plan_record(engine, cfg, step: int) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Every record is written and every collective done. Now and then (seen in ZeRO-0 runs of the full
+    # suite, after rank 0 had written its records) a worker aborted in the interpreter's C++ teardown
+    # ("terminate called without an active exception", no Python frame), exit code -6, failing a run
+    # whose results were complete; the teardown is skipped.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

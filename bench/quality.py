@@ -142,11 +142,14 @@ def run_all(runs: list[Run], common: list[str], out: Path, jobs: int, data_dir: 
 
 
 def prepare(common: list[str], data_dir: Path | None, base: Path = BASE) -> None:
-    """Build the dataset once, before the runs start (not concurrently in several processes)."""
+    """Build the dataset once, before the runs start (not concurrently in several processes); exits with
+    ``tsvd prepare``'s status (its one-line error already printed) when the data cannot be built."""
     cmd = [sys.executable, "-m", "tsvd.cli", "prepare", str(base), "--no-progress"]
     for s in common + ([f"data.dir={data_dir}"] if data_dir else []):
         cmd += ["--set", s]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc:
+        sys.exit(rc)
 
 
 # ------------------------------------------------------------------------------------ reporting

@@ -184,6 +184,24 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     # separates the two halves of the adaptive arm's optimizer setting: its factor lr with core_lr = lr
     out.append(Arm("uniform-core1", f"uniform static rank {rank} at the adaptive arm's lr, core_lr = lr",
                    spec + static, [], core_ratio=1.0, optional=True, lr_from=adaptive))
+    # the same pair where rank binds harder (a quarter of the uniform rank): does the allocation matter more there?
+    low = max(4, rank // 4)
+    out += [Arm(f"uniform-r{low}", f"uniform static rank {low} at the adaptive arm's lr, core_lr = lr",
+                [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static, [], core_ratio=1.0,
+                optional=True, lr_from=adaptive),
+            Arm(f"budget-fisher-r{low}-stop500", f"budget-fisher-stop500 from rank {low} (budget = uniform-r{low}'s "
+                "parameters)", [o.replace(f".rank={rank}", f".rank={low}").replace(f"max_rank={4 * rank}",
+                                                                                    f"max_rank={4 * low}")
+                                for o in fisher] + ["rank.stop_step=500"], [], core_ratio=1.0, optional=True,
+                lr_from=adaptive)]
+    # diagnostic, as static-types: the per-type allocation budget-fisher-r8-stop500 ends with (mean of its two
+    # seeds at step 551, rounded to uniform-r8's parameters within 0.1%), fixed from step 0
+    low_types = {"q": 5, "k": 6, "v": 9, "o": 10, "gate": 8, "up": 8, "down": 9}
+    out.append(Arm(f"static-types-r{low}", f"static ranks per projection type from budget-fisher-r{low}-stop500's "
+                   f"final allocation ({', '.join(f'{t} {r}' for t, r in low_types.items())}), core_lr = lr",
+                   [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static +
+                   [f"model.spectral.rank_overrides.{t}={r}" for t, r in low_types.items()], [], core_ratio=1.0,
+                   optional=True, lr_from=adaptive))
     return out + amortized, common, sweep_steps
 
 

@@ -25,6 +25,7 @@ output alike, the plain whitened SVD scaled by the layer's mean curvature).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -106,8 +107,9 @@ class WhitenedSVD:
     P: Tensor
     sigma: Tensor
     B: Tensor
-    orthonormal_P: bool = False  # P's columns orthonormal to rounding (eigenvectors), whatever σ
-    curvature_weighted: bool = False  # σ from both sides' whitening: P is G̃-orthonormal, not orthonormal
+    # what P's columns are: "eigenvectors" (orthonormal to rounding, whatever σ), "scaled" (``A q / σ``:
+    # orthonormal up to an error ~1e-16·σ₁/σ) or "weighted" (curvature-weighted: G̃-orthonormal, not orthonormal)
+    P_kind: Literal["eigenvectors", "scaled", "weighted"] = "scaled"
 
     @property
     def max_rank(self) -> int:
@@ -125,8 +127,7 @@ class WhitenedSVD:
     def reordered(self, order: Tensor) -> "WhitenedSVD":
         """The same directions in another order (``order`` a permutation of ``range(max_rank)``): keeping a
         prefix then keeps any chosen subset; its truncation loss is still the sum of the dropped ``σᵢ²``."""
-        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order], self.orthonormal_P,
-                           self.curvature_weighted)
+        return WhitenedSVD(self.P[:, order], self.sigma[order], self.B[:, order], self.P_kind)
 
     def weight(self, rank: int) -> Tensor:
         """The dense rank-``rank`` optimum ``W'`` (``out×in``, float64)."""
@@ -144,8 +145,11 @@ class WhitenedSVD:
         """
         P = self.P[:, :rank]
         Rp = None
-        plain = self.orthonormal_P or rank == 0 or bool(self.sigma[rank - 1] >= 1e-6 * self.sigma[0])
-        if rank > 0 and (self.curvature_weighted or not plain):
+        if self.P_kind == "scaled":
+            orthonormal = rank == 0 or bool(self.sigma[rank - 1] >= 1e-6 * self.sigma[0])
+        else:
+            orthonormal = self.P_kind == "eigenvectors"
+        if rank > 0 and not orthonormal:
             P, Rp = torch.linalg.qr(P)
         Qb, Rb = torch.linalg.qr(self.B[:, :rank])
         core = self.sigma[:rank, None] * Rb.T if Rp is None else (Rp * self.sigma[:rank]) @ Rb.T
@@ -207,8 +211,8 @@ def whitened_svd(W: Tensor, C: Tensor | ProjectedMoment, damping: float = DAMPIN
     inv = torch.where(sigma > sigma[:1] * 1e-13, 1.0 / sigma, torch.zeros_like(sigma))
     if not wide:
         B = torch.linalg.solve_triangular(L.T, vecs, upper=True)
-        return WhitenedSVD((A @ vecs) * inv, sigma, B, curvature_weighted=weighted)
+        return WhitenedSVD((A @ vecs) * inv, sigma, B, "weighted" if weighted else "scaled")
     if not weighted:
-        return WhitenedSVD(vecs, sigma, (W.T @ vecs) * inv, orthonormal_P=True)
+        return WhitenedSVD(vecs, sigma, (W.T @ vecs) * inv, "eigenvectors")
     P = torch.linalg.solve_triangular(R.T, vecs, upper=True)
-    return WhitenedSVD(P, sigma, (W.T @ (R @ vecs)) * inv, curvature_weighted=True)
+    return WhitenedSVD(P, sigma, (W.T @ (R @ vecs)) * inv, "weighted")

@@ -202,6 +202,16 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
                    [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static +
                    [f"model.spectral.rank_overrides.{t}={r}" for t, r in low_types.items()], [], core_ratio=1.0,
                    optional=True, lr_from=adaptive))
+    # diagnostic, per layer: the final ranks of budget-fisher-r8-stop500, each layer the mean of the two seeds
+    # (halves rounded to uniform-r8's parameters within 0.1%), fixed from step 0 by module-name overrides
+    by_layer = [(5, 6, 10, 12, 10, 8, 13), (5, 4, 10, 9, 10, 10, 8), (4, 5, 6, 8, 7, 7, 7), (5, 6, 10, 10, 7, 6, 9)]
+    block = {t: "attn" if t in ("q", "k", "v", "o") else "mlp" for t in types}
+    layer_sets = [f"model.spectral.rank_overrides.layers.{i}.{block[t]}.{t}={r}"
+                  for i, rs in enumerate(by_layer) for t, r in zip(types, rs)]
+    out.append(Arm(f"static-layers-r{low}", f"static ranks per layer from budget-fisher-r{low}-stop500's final "
+                   f"allocation (layer totals {', '.join(str(sum(rs)) for rs in by_layer)}), core_lr = lr",
+                   [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static + layer_sets, [],
+                   core_ratio=1.0, optional=True, lr_from=adaptive))
     return out + amortized, common, sweep_steps
 
 

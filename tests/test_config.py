@@ -83,6 +83,12 @@ def test_load_config_errors_name_the_file(tmp_path):
         load_config(wrong)
 
 
+def test_a_per_layer_rank_override_is_one_key():
+    """Module names hold dots: ``--set`` keeps everything after ``rank_overrides`` as one key."""
+    raw = apply_overrides({}, ["model.spectral.rank_overrides.layers.2.attn.q=5", "model.spectral.rank_overrides.up=3"])
+    assert raw["model"]["spectral"]["rank_overrides"] == {"layers.2.attn.q": 5, "up": 3}
+
+
 def test_bad_override_syntax():
     with pytest.raises(UserError, match="expected key=value"):
         apply_overrides({}, ["train.lr"])

@@ -152,6 +152,16 @@ def test_spectral_targets_ranks_and_inits():
             "norm", "lm_head"} <= names
 
 
+def test_per_layer_rank_overrides_win_over_the_type():
+    """``rank_overrides`` keyed by a module name sets that layer's rank only; the type's override and the
+    global rank hold elsewhere."""
+    cfg = small_cfg(spectral=SpectralConfig(targets=["q", "up"], rank=4, rank_overrides={
+        "q": 5, "layers.1.attn.q": 2, "layers.0.mlp.up": 7}))
+    model = build_model(cfg)
+    assert [b.attn.q.rank for b in model.layers] == [5, 2]
+    assert [b.mlp.up.rank for b in model.layers] == [7, 4]
+
+
 def test_residual_projections_use_gpt2_scaled_init():
     torch.manual_seed(0)
     cfg = small_cfg(dim=256, ffn_dim=512, n_layers=8, n_heads=4, n_kv_heads=4, init_std=0.02)
@@ -167,6 +177,12 @@ def test_residual_projections_use_gpt2_scaled_init():
     (small_cfg(spectral=SpectralConfig(targets=["k"], rank=17)), "model.spectral.rank"),
     (small_cfg(spectral=SpectralConfig(targets=["q"], rank_overrides={"q": 40})), "model.spectral.rank_overrides.q"),
     (small_cfg(n_kv_heads=3), "n_kv_heads"),
+    (small_cfg(spectral=SpectralConfig(targets=["q"], rank_overrides={"layers.1.attn.q": 40})),
+     "model.spectral.rank_overrides.layers.1.attn.q=40 is impossible"),
+    (small_cfg(spectral=SpectralConfig(targets=["q"], rank_overrides={"layers.2.attn.q": 3})), "'layers.2.attn.q'"),
+    (small_cfg(spectral=SpectralConfig(targets=["q"], rank_overrides={"layers.0.mlp.q": 3})), "'layers.0.mlp.q'"),
+    (small_cfg(spectral=SpectralConfig(targets=["q"], rank_overrides={"layers.0.attn.k": 3})), "'layers.0.attn.k'"),
+    (small_cfg(spectral=SpectralConfig(targets=["q"], rank_overrides={"layers.0.attn": 3})), "unknown target"),
 ])
 def test_config_errors_name_the_key(cfg, match):
     with pytest.raises(UserError, match=match):

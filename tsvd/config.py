@@ -30,7 +30,8 @@ class SpectralConfig:
 
     targets: list[str] = field(default_factory=list)  # subset of SPECTRAL_TARGETS; [] = dense model
     rank: int = 32
-    rank_overrides: dict[str, int] = field(default_factory=dict)  # target -> rank (e.g. embed: 64)
+    # target -> rank (e.g. embed: 64), or one layer's projection by module name ("layers.2.attn.q": 5), which wins
+    rank_overrides: dict[str, int] = field(default_factory=dict)
     init: Literal["scaled", "sct"] = "scaled"
 
 
@@ -210,9 +211,23 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise UserError(f"{key}: must be {'≥ 0' if allow_zero else '> 0'}, got {value}")
 
 
-def initial_rank(m: ModelConfig, target: str) -> tuple[int, str]:
-    """``(rank, config key it comes from)`` of the spectral projection ``target``."""
+BLOCK_OF = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+LAYER_TARGET = re.compile(r"layers\.(\d+)\.(attn|mlp)\.(\w+)")
+
+
+def layer_target(layer: int, target: str) -> str:
+    """Module name of projection ``target`` in block ``layer`` (``layers.2.attn.q``); paired with
+    ``LAYER_TARGET``, which parses it."""
+    return f"layers.{layer}.{BLOCK_OF[target]}.{target}"
+
+
+def initial_rank(m: ModelConfig, target: str, layer: int | None = None) -> tuple[int, str]:
+    """``(rank, config key it comes from)`` of the spectral projection ``target`` (in block ``layer``: a
+    per-layer override first)."""
     sp = m.spectral
+    if layer is not None and target in BLOCK_OF and layer_target(layer, target) in sp.rank_overrides:
+        name = layer_target(layer, target)
+        return sp.rank_overrides[name], f"model.spectral.rank_overrides.{name}"
     if target in sp.rank_overrides:
         return sp.rank_overrides[target], f"model.spectral.rank_overrides.{target}"
     return sp.rank, "model.spectral.rank"
@@ -232,7 +247,18 @@ def check_model(m: ModelConfig) -> None:
     if (m.dim // m.n_heads) % 2:
         raise UserError(f"model.dim: head dim {m.dim // m.n_heads} must be even for RoPE")
     sp = m.spectral
-    for tgt in list(sp.targets) + list(sp.rank_overrides):
+    per_layer = {}
+    for name in sp.rank_overrides:
+        match = LAYER_TARGET.fullmatch(name)
+        if match is None:
+            continue
+        layer, tgt = int(match[1]), match[3]
+        if tgt not in BLOCK_OF or BLOCK_OF[tgt] != match[2] or layer >= m.n_layers or tgt not in sp.targets:
+            raise UserError(f"model.spectral.rank_overrides: {name!r} is not a spectral projection of this model "
+                            f"(layers.<0..{m.n_layers - 1}>.attn.<q|k|v|o> or layers.<i>.mlp.<gate|up|down>, "
+                            "its target in model.spectral.targets)")
+        per_layer[name] = (layer, tgt)
+    for tgt in list(sp.targets) + [n for n in sp.rank_overrides if n not in per_layer]:
         if tgt not in SPECTRAL_TARGETS:
             raise UserError(f"model.spectral.targets: unknown target {tgt!r} (valid: {', '.join(SPECTRAL_TARGETS)})")
     if m.tie_embeddings and "lm_head" in sp.targets:
@@ -247,6 +273,8 @@ def check_model(m: ModelConfig) -> None:
             check_rank(rank, *shapes[tgt], key)
         except UserError as e:
             raise UserError(f"{e} (the {tgt} projection)") from None
+    for name, (_, tgt) in per_layer.items():
+        check_rank(sp.rank_overrides[name], *shapes[tgt], f"model.spectral.rank_overrides.{name}")
 
 
 def validate(cfg: Config) -> Config:
@@ -340,10 +368,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# mappings whose keys may hold dots: in ``--set`` the rest of the path after them is one key
+# (``model.spectral.rank_overrides.layers.2.attn.q=5``)
+DOTTED_KEY_MAPPINGS = (("model", "spectral", "rank_overrides"),)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a raw config mapping."""
     for item in overrides:
         path, value = _parse_override(item)
+        for mapping in DOTTED_KEY_MAPPINGS:
+            if tuple(path[:len(mapping)]) == mapping and len(path) > len(mapping) + 1:
+                path = list(mapping) + [".".join(path[len(mapping):])]
         node = raw
         for part in path[:-1]:
             node = node.setdefault(part, {})

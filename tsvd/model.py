@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -120,14 +121,15 @@ class Transformer(nn.Module):
         sp, shapes = cfg.spectral, layer_shapes(cfg)
         factory = dict(device=device, dtype=dtype)
 
-        def proj(target: str, std: float | None = None) -> nn.Module:
-            """The projection ``target`` (shape from ``layer_shapes``): spectral if targeted, else dense."""
+        def proj(target: str, std: float | None = None, layer: int | None = None) -> nn.Module:
+            """The projection ``target`` (of block ``layer``; shape from ``layer_shapes``): spectral if targeted,
+            else dense."""
             out_f, in_f = shapes[target]
             if std is None:
                 residual = target in ("o", "down")
                 std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if residual else cfg.init_std
             if target in sp.targets:
-                rank = target_rank(cfg, target)
+                rank = target_rank(cfg, target, layer)
                 return SpectralLinear(in_f, out_f, rank, bias=False, init=sp.init, std=std, **factory)
             lin = nn.Linear(in_f, out_f, bias=False, **factory)
             init_normal_(lin.weight, std)
@@ -139,7 +141,8 @@ class Transformer(nn.Module):
         else:
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim, **factory)
             init_normal_(self.tok_emb.weight, cfg.init_std)
-        self.layers = nn.ModuleList(Block(cfg, proj, **factory) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, functools.partial(proj, layer=i), **factory)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, **factory)
         if not cfg.tie_embeddings:
             self.lm_head = proj("lm_head", std=cfg.init_std)
@@ -176,9 +179,9 @@ def init_normal_(weight: Tensor, std: float) -> None:
         nn.init.normal_(weight, 0.0, std)
 
 
-def target_rank(cfg: ModelConfig, target: str) -> int:
-    """Initial rank of a spectral ``target`` (validated by ``check_model_config``)."""
-    return initial_rank(cfg, target)[0]
+def target_rank(cfg: ModelConfig, target: str, layer: int | None = None) -> int:
+    """Initial rank of a spectral ``target`` (in block ``layer``; validated by ``check_model_config``)."""
+    return initial_rank(cfg, target, layer)[0]
 
 
 def check_model_config(cfg: ModelConfig) -> None:

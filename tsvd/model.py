@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tsvd.config import ModelConfig, check_model, initial_rank, layer_shapes
+from tsvd.config import BLOCK_OF, ModelConfig, check_model, initial_rank, layer_shapes
 from tsvd.errors import UserError
 from tsvd.spectral import SpectralEmbedding, SpectralLinear, SpectralModule
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+PROJECTIONS = tuple(BLOCK_OF)  # the blocks' projection types: q, k, v, o (attn), gate, up, down (mlp)
 
 
 class RMSNorm(nn.Module):

@@ -95,6 +95,12 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
         common, rank, sched, sweep_steps, lrs = [], 32, ["rank.warmup_steps=50", "rank.interval=50"], 160, LRS
     spec = [f"model.spectral.targets={SPECTRAL}", f"model.spectral.rank={rank}", "model.spectral.init=scaled",
             "train.retraction=cholesky"]
+
+    def at_rank(overrides: list[str], r: int) -> list[str]:
+        """``overrides`` (of an arm at the uniform rank) with the initial rank, and a rank cap of 4× it, at ``r``."""
+        return [o.replace(f".rank={rank}", f".rank={r}").replace(f"max_rank={4 * rank}", f"max_rank={4 * r}")
+                for o in overrides]
+
     # configs/tsvd-energy.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank;
     # ``protected`` adds the protection and gradient-initialised growth of issue 14 (not the default: see docs)
     energy = sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05", "rank.tail_fraction=0.1",
@@ -136,7 +142,7 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
                 spec + static, [], core_ratio=10.0, optional=True, lr_from=adaptive),
             Arm(f"static-r{static_rank}", f"static rank {static_rank} (≈ the adaptive arm's average parameters), "
                 "the adaptive arm's LRs (core_lr 10×lr)",
-                [o.replace(f".rank={rank}", f".rank={static_rank}") for o in spec] + static, [], core_ratio=10.0,
+                at_rank(spec, static_rank) + static, [], core_ratio=10.0,
                 optional=True, lr_from=adaptive),
             Arm("budget-core10", f"budget policy from rank {rank}, budget = the initial parameters (= uniform's), the "
                 "adaptive arm's LRs (core_lr 10×lr)", spec + sched + [
@@ -174,7 +180,7 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     # the opposite order: start at 1.5× the rank and let the Fisher budget shrink to 0.48× of that (0.72× the
     # uniform rank) by step 1000 — average parameters ≈ uniform's; the early phase trains more directions
     big = round(1.5 * rank)
-    shrink = [o.replace(f".rank={rank}", f".rank={big}") for o in spec] + ramp_sched + [
+    shrink = at_rank(spec, big) + ramp_sched + [
         "rank.policy=budget", "rank.budget_params=0", "rank.budget_growth=0.48", "rank.growth_factor=1.5",
         "rank.min_rank=4", f"rank.max_rank={4 * rank}", "rank.max_shrink=0.5", "rank.hysteresis=0.05",
         "rank.grow_directions=gradient", "rank.score=fisher", "rank.protect=1"]
@@ -186,31 +192,30 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
                    spec + static, [], core_ratio=1.0, optional=True, lr_from=adaptive))
     # the same pair where rank binds harder (a quarter of the uniform rank): does the allocation matter more there?
     low = max(4, rank // 4)
+    low_spec = at_rank(spec, low)
     out += [Arm(f"uniform-r{low}", f"uniform static rank {low} at the adaptive arm's lr, core_lr = lr",
-                [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static, [], core_ratio=1.0,
+                low_spec + static, [], core_ratio=1.0,
                 optional=True, lr_from=adaptive),
             Arm(f"budget-fisher-r{low}-stop500", f"budget-fisher-stop500 from rank {low} (budget = uniform-r{low}'s "
-                "parameters)", [o.replace(f".rank={rank}", f".rank={low}").replace(f"max_rank={4 * rank}",
-                                                                                    f"max_rank={4 * low}")
-                                for o in fisher] + ["rank.stop_step=500"], [], core_ratio=1.0, optional=True,
+                "parameters)", at_rank(fisher, low) + ["rank.stop_step=500"], [], core_ratio=1.0, optional=True,
                 lr_from=adaptive)]
     # diagnostic, as static-types: the per-type allocation budget-fisher-r8-stop500 ends with (mean of its two
     # seeds at step 551, rounded to uniform-r8's parameters within 0.1%), fixed from step 0
     low_types = {"q": 5, "k": 6, "v": 9, "o": 10, "gate": 8, "up": 8, "down": 9}
     out.append(Arm(f"static-types-r{low}", f"static ranks per projection type from budget-fisher-r{low}-stop500's "
                    f"final allocation ({', '.join(f'{t} {r}' for t, r in low_types.items())}), core_lr = lr",
-                   [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static +
-                   [f"model.spectral.rank_overrides.{t}={r}" for t, r in low_types.items()], [], core_ratio=1.0,
-                   optional=True, lr_from=adaptive))
+                   low_spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in low_types.items()], [],
+                   core_ratio=1.0, optional=True, lr_from=adaptive))
     # diagnostic, per layer: the final ranks of budget-fisher-r8-stop500, each layer the mean of the two seeds
     # (halves rounded to uniform-r8's parameters within 0.1%), fixed from step 0 by module-name overrides
     by_layer = [(5, 6, 10, 12, 10, 8, 13), (5, 4, 10, 9, 10, 10, 8), (4, 5, 6, 8, 7, 7, 7), (5, 6, 10, 10, 7, 6, 9)]
-    block = {t: "attn" if t in ("q", "k", "v", "o") else "mlp" for t in types}
-    layer_sets = [f"model.spectral.rank_overrides.layers.{i}.{block[t]}.{t}={r}"
+    from tsvd.config import layer_target
+
+    layer_sets = [f"model.spectral.rank_overrides.{layer_target(i, t)}={r}"
                   for i, rs in enumerate(by_layer) for t, r in zip(types, rs)]
     out.append(Arm(f"static-layers-r{low}", f"static ranks per layer from budget-fisher-r{low}-stop500's final "
                    f"allocation (layer totals {', '.join(str(sum(rs)) for rs in by_layer)}), core_lr = lr",
-                   [o.replace(f".rank={rank}", f".rank={low}") for o in spec] + static + layer_sets, [],
+                   low_spec + static + layer_sets, [],
                    core_ratio=1.0, optional=True, lr_from=adaptive))
     return out + amortized, common, sweep_steps
 

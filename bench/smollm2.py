@@ -24,10 +24,10 @@ parameters: plain SVD, whitened SVD at uniform ranks, whitened with loss-aware r
 per direction), and curvature-weighted SVDs (inputs and output curvature whitened) with ranks by
 their estimated loss, ``tsvd convert``'s default; with ``--sequential`` also sequentially calibrated
 factors (``tsvd.convert.sequential_factors``) at the loss-aware and curvature ranks. Test loss on
-``tutorial/`` and validation loss on the ``howto/`` text after the calibration tokens. The MLP arm with the best validation loss at
-``--headline-ratio`` is fine-tuned on ``--finetune-text``, saved, exported dense and reloaded in
-transformers. ``--resume`` keeps the arms already in ``--out``. Timings: forward passes and hooks
-separately, whitened SVDs, gradient pass, each arm's conversion.
+``tutorial/`` and validation loss on the ``howto/`` text after the calibration tokens. The MLP arm with
+the best validation loss at ``--headline-ratio`` is fine-tuned on ``--finetune-text``, saved, exported
+dense and reloaded in transformers. ``--resume`` keeps the arms already in ``--out``. Timings: forward
+passes and hooks separately, whitened SVDs, gradient pass, each arm's conversion.
 
 Text (offline, English): the reST sources of the Python 3.11 documentation (Debian ``python3.11-doc``,
 ``/usr/share/doc/python3.11/html/_sources``): perplexity on ``tutorial/`` (held out), fine-tuning

@@ -225,8 +225,8 @@ def initial_rank(m: ModelConfig, target: str, layer: int | None = None) -> tuple
     """``(rank, config key it comes from)`` of the spectral projection ``target`` (in block ``layer``: a
     per-layer override first)."""
     sp = m.spectral
-    if layer is not None and target in BLOCK_OF and layer_target(layer, target) in sp.rank_overrides:
-        name = layer_target(layer, target)
+    name = layer_target(layer, target) if layer is not None and target in BLOCK_OF else None
+    if name in sp.rank_overrides:
         return sp.rank_overrides[name], f"model.spectral.rank_overrides.{name}"
     if target in sp.rank_overrides:
         return sp.rank_overrides[target], f"model.spectral.rank_overrides.{target}"
@@ -247,7 +247,7 @@ def check_model(m: ModelConfig) -> None:
     if (m.dim // m.n_heads) % 2:
         raise UserError(f"model.dim: head dim {m.dim // m.n_heads} must be even for RoPE")
     sp = m.spectral
-    per_layer = {}
+    per_layer = {}  # module-name overrides -> their target
     for name in sp.rank_overrides:
         match = LAYER_TARGET.fullmatch(name)
         if match is None:
@@ -257,7 +257,7 @@ def check_model(m: ModelConfig) -> None:
             raise UserError(f"model.spectral.rank_overrides: {name!r} is not a spectral projection of this model "
                             f"(layers.<0..{m.n_layers - 1}>.attn.<q|k|v|o> or layers.<i>.mlp.<gate|up|down>, "
                             "its target in model.spectral.targets)")
-        per_layer[name] = (layer, tgt)
+        per_layer[name] = tgt
     for tgt in list(sp.targets) + [n for n in sp.rank_overrides if n not in per_layer]:
         if tgt not in SPECTRAL_TARGETS:
             raise UserError(f"model.spectral.targets: unknown target {tgt!r} (valid: {', '.join(SPECTRAL_TARGETS)})")
@@ -273,7 +273,7 @@ def check_model(m: ModelConfig) -> None:
             check_rank(rank, *shapes[tgt], key)
         except UserError as e:
             raise UserError(f"{e} (the {tgt} projection)") from None
-    for name, (_, tgt) in per_layer.items():
+    for name, tgt in per_layer.items():
         check_rank(sp.rank_overrides[name], *shapes[tgt], f"model.spectral.rank_overrides.{name}")
 
 

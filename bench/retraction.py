@@ -13,8 +13,14 @@ Cholesky-QR retraction cannot avoid (Gram ``AᵀA`` and ``A·X``, ``4·m·r²`` 
 batched or per factor), all interleaved. Ratio = retraction / floor, per factor; the model total weights
 each shape by its count in the 70B model (1,124 factors).
 
+``--mode kernels``: what a retraction *below* that floor could be built from, per 70B shape and factor:
+the floor's two fp32 GEMMs through torch and through NumPy's BLAS, and a mixed-precision correction
+(round the factor to bf16 once, bf16 Gram, fp32 Cholesky, bf16 product with ``R⁻¹ − I``, added to the
+fp32 factor) with the orthonormality error it leaves (against a float64 Gram). Interleaved, medians.
+
     python bench/retraction.py --repeats 50 --threads 2
     python bench/retraction.py --mode floor --threads 1 --repeats 15
+    python bench/retraction.py --mode kernels --threads 1 --repeats 15
 """
 
 from __future__ import annotations
@@ -155,6 +161,77 @@ def floor_case(rows: int, r: int, lr: float, args) -> dict:
                 ratio_stacked=ms["stacked"] / floor, ratio_each=ms["per factor"] / floor, ortho_err=err)
 
 
+def bf16_correction_(A: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Make ``A (m×r, fp32)`` orthonormal to bf16 accuracy, in place: bf16 Gram, fp32 Cholesky ``G = RᵀR``,
+    then ``A += bf16(A)·(R⁻¹ − I)`` — the two large products in bf16, the correction small enough that its
+    rounding matters little. ``scratch``: preallocated ``(bf16 m×r, bf16 m×r, fp32 m×r)``, as an engine
+    would keep them. Returns the Gram."""
+    Ab, P, Pf = scratch
+    Ab.copy_(A)
+    G = (Ab.mT @ Ab).float()
+    R = torch.linalg.cholesky(G).mT
+    eye = torch.eye(A.shape[1])
+    C = torch.linalg.solve_triangular(R, eye, upper=True) - eye
+    torch.mm(Ab, C.to(torch.bfloat16), out=P)
+    A.add_(Pf.copy_(P))
+    return G
+
+
+def kernels_case(rows: int, r: int, lr: float, args) -> dict:
+    """Per-factor milliseconds of the candidate kernels for one drifted factor, and their accuracy."""
+    import numpy as np
+
+    A = perturbed_orthonormal(rows, r, lr, args.seed)
+    Ab, X = A.to(torch.bfloat16), torch.eye(r)
+    G, out = torch.empty(r, r), torch.empty_like(A)
+    An, Xn, Gn, On = A.numpy(), X.numpy(), G.numpy().copy(), out.numpy().copy()
+    Cb = (0.01 * torch.randn(r, r)).to(torch.bfloat16)
+    B = A.clone()  # the in-place candidates' own copy
+    scratch = (torch.empty_like(Ab), torch.empty_like(Ab), torch.empty_like(A))
+    P, Pf = scratch[1], scratch[2]
+    fns = {
+        "torch Gram": lambda: matmul(A.mT, A, out=G), "torch GEMM": lambda: matmul(A, X, out=out),
+        "numpy Gram": lambda: np.matmul(An.T, An, out=Gn), "numpy GEMM": lambda: np.matmul(An, Xn, out=On),
+        "to bf16": lambda: scratch[0].copy_(A), "bf16 Gram": lambda: Ab.mT @ Ab,
+        "bf16 GEMM + add": lambda: B.add_(Pf.copy_(torch.mm(Ab, Cb, out=P))),
+        "bf16 correction": lambda: bf16_correction_(B, scratch),
+        "strict retraction": lambda: orthonormalize(A, "cholesky"),
+    }
+    times = time_interleaved(fns, args.repeats, args.warmup)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    Q = A.clone()
+    Gb = bf16_correction_(Q, scratch)
+    exact = gram(A.double())
+    return dict(rows=rows, r=r, ms=ms, drift=float(drift(exact)),
+                gram_err=float((Gb.double() - exact).abs().max()),
+                err_bf16=float(orthonormality_error(Q)), err_strict=float(orthonormality_error(orthonormalize(A, "cholesky")[0])))
+
+
+def main_kernels(args) -> None:
+    r = args.rank
+    print("| factor | drift | torch Gram + GEMM | NumPy Gram + GEMM | to bf16 | bf16 Gram | bf16 GEMM + add "
+          "| bf16 correction (whole) | strict retraction | bf16 Gram max error | ortho err bf16 / strict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    total = {"torch": 0.0, "numpy": 0.0, "bf16": 0.0, "strict": 0.0}
+    for rows in SHAPES_70B:
+        c = kernels_case(rows, r, args.lr, args)
+        ms = c["ms"]
+        print(f"| {rows}×{r} | {c['drift']:.1e} | {ms['torch Gram']:.3f} + {ms['torch GEMM']:.3f} | "
+              f"{ms['numpy Gram']:.3f} + {ms['numpy GEMM']:.3f} | {ms['to bf16']:.3f} | {ms['bf16 Gram']:.3f} | "
+              f"{ms['bf16 GEMM + add']:.3f} | {ms['bf16 correction']:.3f} | {ms['strict retraction']:.3f} | "
+              f"{c['gram_err']:.1e} | {c['err_bf16']:.1e} / {c['err_strict']:.1e} |", flush=True)
+        n = SHAPES_70B[rows]
+        total["torch"] += n * (ms["torch Gram"] + ms["torch GEMM"])
+        total["numpy"] += n * (ms["numpy Gram"] + ms["numpy GEMM"])
+        total["bf16"] += n * ms["bf16 correction"]
+        total["strict"] += n * ms["strict retraction"]
+    t = total["torch"]
+    print(f"\n70B model ({sum(SHAPES_70B.values())} factors), weighted by shape counts (ms, / torch fp32 floor): "
+          f"torch floor {t:.0f}; NumPy floor {total['numpy']:.0f} ({total['numpy'] / t:.2f}×); "
+          f"bf16 correction {total['bf16']:.0f} ({total['bf16'] / t:.2f}×); "
+          f"strict retraction, one factor at a time {total['strict']:.0f} ({total['strict'] / t:.2f}×)")
+
+
 def peak_gflops(repeats: int = 5) -> float:
     """Best-of fp32 GEMM throughput of this machine (2048² · 2048), for reference."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -201,11 +278,16 @@ def main() -> None:
     p.add_argument("--shapes", default=SHAPES, help=f"comma-separated ROWSxRANK (default {SHAPES})")
     p.add_argument("--lrs", default=LRS, help=f"comma-separated Adam step sizes (default {LRS})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=("methods", "floor"), default="methods",
-                   help="methods: Householder vs Cholesky-QR per shape; floor: strict retraction vs its arithmetic floor")
-    p.add_argument("--rank", type=int, default=32, help="--mode floor: factor rank (default 32)")
-    p.add_argument("--lr", type=float, default=1e-4, help="--mode floor: Adam-sized step before each call (default 1e-4)")
+    p.add_argument("--mode", choices=("methods", "floor", "kernels"), default="methods",
+                   help="methods: Householder vs Cholesky-QR per shape; floor: strict retraction vs its arithmetic "
+                   "floor; kernels: what a retraction below that floor could be built from (other BLAS, bf16)")
+    p.add_argument("--rank", type=int, default=32, help="--mode floor/kernels: factor rank (default 32)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="--mode floor/kernels: Adam-sized step before each call (default 1e-4)")
     args = p.parse_args()
+    if args.mode == "kernels" and os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads):
+        # NumPy's BLAS (loaded with torch) reads its thread count once, at load: start again with it set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads)})
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     lrs = [float(v) for v in args.lrs.split(",")]
@@ -214,6 +296,12 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; python {platform.python_version()}")
     print(f"load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.mode == "kernels":
+        print(f"input: an orthonormal factor + {args.lr:g}·sign(noise), fp32; {args.repeats} interleaved repeats, "
+              "median per call (ms per factor)\n")
+        main_kernels(args)
+        print(f"\nload average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     if args.mode == "floor":
         print(f"input: orthonormal factors + {args.lr:g}·sign(noise) before each call, fp32; {args.repeats} interleaved "
               "repeats, median per call divided by the factors per call\n")

@@ -270,6 +270,20 @@ def main_floor(args) -> None:
               f"{total['per factor']:.0f} ms ({total['per factor'] / total['floor']:.2f}×); target ≤ 1.3×")
 
 
+def main_methods(args) -> None:
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    lrs = [float(v) for v in args.lrs.split(",")]
+    print("| shape | lr | drift ‖AᵀA−I‖_F | tsvd path | Householder+sign (ms) | Cholesky-QR (ms) | speed-up "
+          "| ortho err HH | ortho err chol | max abs(Q_HH − Q_chol) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for rows, r in shapes:
+        for lr in lrs:
+            c = run_case(rows, r, lr, args)
+            print(f"| {c['shape']} | {c['lr']:.0e} | {c['drift']:.2e} | {c['path']} | {c['hh_ms']:.2f} | "
+                  f"{c['chol_ms']:.2f} | {c['speedup']:.1f}× | {c['hh_err']:.1e} | {c['chol_err']:.1e} | "
+                  f"{c['diff']:.1e} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=50, help="timed calls per routine and case (default 50)")
@@ -289,37 +303,20 @@ def main() -> None:
         # NumPy's BLAS (loaded with torch) reads its thread count once, at load: start again with it set
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OPENBLAS_NUM_THREADS": str(args.threads)})
     torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-    lrs = [float(v) for v in args.lrs.split(",")]
-
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; python {platform.python_version()}")
     print(f"load average at start (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.mode == "kernels":
-        print(f"input: an orthonormal factor + {args.lr:g}·sign(noise), fp32; {args.repeats} interleaved repeats, "
-              "median per call (ms per factor)\n")
-        main_kernels(args)
-        print(f"\nload average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        return
-    if args.mode == "floor":
-        print(f"input: orthonormal factors + {args.lr:g}·sign(noise) before each call, fp32; {args.repeats} interleaved "
-              "repeats, median per call divided by the factors per call\n")
-        main_floor(args)
-        print(f"\nload average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        return
-    print(f"input: orthonormal Q0 + lr·sign(noise), fp32; {args.repeats} interleaved repeats, median per call\n")
-    print("| shape | lr | drift ‖AᵀA−I‖_F | tsvd path | Householder+sign (ms) | Cholesky-QR (ms) | speed-up "
-          "| ortho err HH | ortho err chol | max abs(Q_HH − Q_chol) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for rows, r in shapes:
-        for lr in lrs:
-            c = run_case(rows, r, lr, args)
-            print(f"| {c['shape']} | {c['lr']:.0e} | {c['drift']:.2e} | {c['path']} | {c['hh_ms']:.2f} | "
-                  f"{c['chol_ms']:.2f} | {c['speedup']:.1f}× | {c['hh_err']:.1e} | {c['chol_err']:.1e} | "
-                  f"{c['diff']:.1e} |", flush=True)
+    inputs = {
+        "methods": "orthonormal Q0 + lr·sign(noise), fp32; {repeats} interleaved repeats, median per call",
+        "floor": "orthonormal factors + {lr:g}·sign(noise) before each call, fp32; {repeats} interleaved repeats, "
+                 "median per call divided by the factors per call",
+        "kernels": "an orthonormal factor + {lr:g}·sign(noise), fp32; {repeats} interleaved repeats, median per call "
+                   "(ms per factor)",
+    }
+    print("input: " + inputs[args.mode].format(lr=args.lr, repeats=args.repeats) + "\n")
+    {"methods": main_methods, "floor": main_floor, "kernels": main_kernels}[args.mode](args)
     print(f"\nload average at end (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-
 
 if __name__ == "__main__":
     main()

@@ -170,6 +170,15 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
                    f"({', '.join(f'{t} {r}' for t, r in types.items())}), core_lr = lr",
                    spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in types.items()], [],
                    core_ratio=1.0, optional=True, lr_from=adaptive))
+    # the allocation landscape by projection type at the same parameters (within 0.3%): the attention projections
+    # starved (the energy rule's direction: MLP ≈ 34, attention ≈ 10 when it runs) or fed (the opposite), fixed
+    # from step 0 — how much can any per-type allocation be worth here?
+    for label, ranks in (("mlp-heavy", {"q": 12, "k": 12, "v": 12, "o": 12, "gate": 45, "up": 45, "down": 44}),
+                         ("attn-heavy", {"q": 48, "k": 48, "v": 48, "o": 48, "gate": 22, "up": 22, "down": 21})):
+        out.append(Arm(f"static-{label}", f"static ranks per projection type ({', '.join(f'{t} {r}' for t, r in ranks.items())}; "
+                       "uniform's parameters), core_lr = lr",
+                       spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in ranks.items()], [],
+                       core_ratio=1.0, optional=True, lr_from=adaptive))
     # InRank's order of growth with the Fisher budget: start at half the rank and let the budget ramp (×2.6 by
     # step 1000, the ramp above) so that the average parameters match the uniform arm's, the final rank exceeds
     # it, and the early, cheap phase trains fewer directions; the adaptive arm's LRs

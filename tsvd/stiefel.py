@@ -44,7 +44,16 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def gram(A: Tensor, out: Tensor | None = None) -> Tensor:
-    """``AᵀA``: ``(..., m, r) → (..., r, r)`` (into ``out`` when given)."""
+    """``AᵀA``: ``(..., m, r) → (..., r, r)`` (into ``out`` when given), in ``A``'s dtype.
+
+    A float32 ``A`` on CUDA is accumulated in float64: cuBLAS's batched float32 GEMMs sum the long
+    reduction over ``m`` with errors large enough to leave the retracted factors outside the float32
+    orthonormality tolerance (docs/gpu.md), and Hopper-class GPUs run float64 GEMMs at their float32
+    rate. On the CPU the float32 product is accurate and stays as it is."""
+    if A.is_cuda and A.dtype == torch.float32:
+        D = A.double()
+        G = matmul(D.mT, D)
+        return G.float() if out is None else out.copy_(G)
     return matmul(A.mT, A, out=out)
 
 

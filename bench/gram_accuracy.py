@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tsvd.config import load_config  # noqa: E402
+from tsvd.engine.device import Stopwatch  # noqa: E402
 from tsvd.engine.torch_engine import TorchEngine  # noqa: E402
 from tsvd.model import build_model  # noqa: E402
 from tsvd.retraction import spectral_factors  # noqa: E402
@@ -53,14 +53,12 @@ def float64_gram(A: torch.Tensor) -> torch.Tensor:
 
 
 def milliseconds(fn, device: torch.device, repeats: int = 30) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Mean device time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats * 1e3
+    with Stopwatch(device) as clock:
+        for _ in range(repeats):
+            fn()
+    return clock.seconds / repeats * 1e3
 
 
 def main() -> None:

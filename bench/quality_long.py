@@ -101,6 +101,11 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
         return [o.replace(f".rank={rank}", f".rank={r}").replace(f"max_rank={4 * rank}", f"max_rank={4 * r}")
                 for o in overrides]
 
+    def per_type(ranks: dict[str, int]) -> tuple[list[str], str]:
+        """``rank_overrides`` fixing each projection type's rank, and ``"q 14, k 11, …"`` for the arm's description."""
+        return ([f"model.spectral.rank_overrides.{t}={r}" for t, r in ranks.items()],
+                ", ".join(f"{t} {r}" for t, r in ranks.items()))
+
     # configs/tsvd-energy.yaml's policy (its rank section and its core_lr = 10 × lr), from the uniform rank;
     # ``protected`` adds the protection and gradient-initialised growth of issue 14 (not the default: see docs)
     energy = sched + ["rank.policy=energy", "rank.energy=0.95", "rank.grow_tail=0.05", "rank.tail_fraction=0.1",
@@ -166,19 +171,18 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     # diagnostic: the allocation budget-fisher-stop500 ended with (per projection type, averaged over the layers:
     # about uniform's parameters), fixed from step 0 — is the allocation worth more than the moves that find it?
     types = {"q": 14, "k": 11, "v": 39, "o": 34, "gate": 37, "up": 39, "down": 34}
-    out.append(Arm("static-types", "static ranks per projection type from budget-fisher-stop500's final allocation "
-                   f"({', '.join(f'{t} {r}' for t, r in types.items())}), core_lr = lr",
-                   spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in types.items()], [],
-                   core_ratio=1.0, optional=True, lr_from=adaptive))
+    sets, listed = per_type(types)
+    out.append(Arm("static-types", f"static ranks per projection type from budget-fisher-stop500's final allocation "
+                   f"({listed}), core_lr = lr", spec + static + sets, [], core_ratio=1.0, optional=True,
+                   lr_from=adaptive))
     # the allocation landscape by projection type at the same parameters (within 0.3%): the attention projections
     # starved (the energy rule's direction: MLP ≈ 34, attention ≈ 10 when it runs) or fed (the opposite), fixed
     # from step 0 — how much can any per-type allocation be worth here?
     for label, ranks in (("mlp-heavy", {"q": 12, "k": 12, "v": 12, "o": 12, "gate": 45, "up": 45, "down": 44}),
                          ("attn-heavy", {"q": 48, "k": 48, "v": 48, "o": 48, "gate": 22, "up": 22, "down": 21})):
-        out.append(Arm(f"static-{label}", f"static ranks per projection type ({', '.join(f'{t} {r}' for t, r in ranks.items())}; "
-                       "uniform's parameters), core_lr = lr",
-                       spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in ranks.items()], [],
-                       core_ratio=1.0, optional=True, lr_from=adaptive))
+        sets, listed = per_type(ranks)
+        out.append(Arm(f"static-{label}", f"static ranks per projection type ({listed}; uniform's parameters), "
+                       "core_lr = lr", spec + static + sets, [], core_ratio=1.0, optional=True, lr_from=adaptive))
     # InRank's order of growth with the Fisher budget: start at half the rank and let the budget ramp (×2.6 by
     # step 1000, the ramp above) so that the average parameters match the uniform arm's, the final rank exceeds
     # it, and the early, cheap phase trains fewer directions; the adaptive arm's LRs
@@ -211,9 +215,9 @@ def arms(smoke: bool) -> tuple[list[Arm], list[str], int]:
     # diagnostic, as static-types: the per-type allocation budget-fisher-r8-stop500 ends with (mean of its two
     # seeds at step 551, rounded to uniform-r8's parameters within 0.1%), fixed from step 0
     low_types = {"q": 5, "k": 6, "v": 9, "o": 10, "gate": 8, "up": 8, "down": 9}
+    sets, listed = per_type(low_types)
     out.append(Arm(f"static-types-r{low}", f"static ranks per projection type from budget-fisher-r{low}-stop500's "
-                   f"final allocation ({', '.join(f'{t} {r}' for t, r in low_types.items())}), core_lr = lr",
-                   low_spec + static + [f"model.spectral.rank_overrides.{t}={r}" for t, r in low_types.items()], [],
+                   f"final allocation ({listed}), core_lr = lr", low_spec + static + sets, [],
                    core_ratio=1.0, optional=True, lr_from=adaptive))
     # diagnostic, per layer: the final ranks of budget-fisher-r8-stop500, each layer the mean of the two seeds
     # (halves rounded to uniform-r8's parameters within 0.1%), fixed from step 0 by module-name overrides

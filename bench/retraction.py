@@ -35,7 +35,8 @@ import time
 
 import torch
 
-from tsvd.stiefel import REFINE_DRIFT, drift, gram, householder_qr, matmul, orthonormality_error, orthonormalize
+from tsvd.stiefel import (REFINE_DRIFT, cholesky_r, drift, gram, householder_qr, matmul, orthonormality_error,
+                          orthonormalize)
 
 SHAPES = "8192x32,28672x32,8192x128,28672x128"  # Llama-3-70B projections at rank 32 and 128
 LRS = "1e-4,1e-3"  # SCT's lr, and a 10× larger step (drift 0.07–0.37: docs/results.md)
@@ -169,10 +170,8 @@ def bf16_correction_(A: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor,
     Ab, P, Pf = scratch
     Ab.copy_(A)
     G = (Ab.mT @ Ab).float()
-    R = torch.linalg.cholesky(G).mT
-    eye = torch.eye(A.shape[1])
-    C = torch.linalg.solve_triangular(R, eye, upper=True) - eye
-    torch.mm(Ab, C.to(torch.bfloat16), out=P)
+    _, R_inv, _ = cholesky_r(G)
+    torch.mm(Ab, (R_inv - torch.eye(A.shape[1])).to(torch.bfloat16), out=P)
     A.add_(Pf.copy_(P))
     return G
 
